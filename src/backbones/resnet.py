@@ -1,0 +1,33 @@
+"""torchvision ResNets as feature extractors, with the CIFAR stem as an option."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+class ResNet(nn.Module):
+    """``forward(x) -> (B, out_dim)`` pooled features of a torchvision ResNet (fc removed).
+
+    ``cifar_stem=True`` replaces the 7x7/2 conv + max-pool with a 3x3/1 conv and no pool, the usual
+    choice for 32x32 images. ``in_channels`` != 3 replaces the first conv (grayscale data).
+    """
+
+    def __init__(self, arch: str = "resnet18", in_channels: int = 3, cifar_stem: bool = False,
+                 zero_init_residual: bool = False):
+        super().__init__()
+        if arch not in {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}:
+            raise ValueError(f"backbone.arch={arch!r} is not a ResNet; use resnet18/34/50/101/152")
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        if cifar_stem:
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.out_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

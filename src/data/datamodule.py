@@ -1,0 +1,130 @@
+"""One LightningDataModule for every dataset: raw uint8 images and labels out, views made on the device.
+
+Training batches are ``(images uint8 (B, C, H, W), labels (B,))`` with label -1 where unknown; the
+method turns them into views in ``on_after_batch_transfer``. ``eval_train_dataloader`` and
+``eval_val_dataloader`` serve a labelled train split and a held-out split without augmentation for
+the evaluation callbacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from src.data import datasets as ds
+from src.utils.errors import UserError
+
+IN_MEMORY = {"digits", "fashion_mnist", "cifar10", "cifar100", "stl10", "fake"}
+FOLDERS = {"imagenet", "imagenet100", "imagefolder"}
+
+
+class SSLDataModule(L.LightningDataModule):
+    def __init__(self, name: str, root: str | None = None, image_size: int = 32, crop_size: int | None = None,
+                 channels: int = 3, num_classes: int | None = 10, mean: list[float] | None = None, std: list[float] | None = None,
+                 batch_size: int = 256, eval_batch_size: int = 512, num_workers: int = 0,
+                 download: bool = True, max_train_samples: int | None = None, train_dir: str = "train",
+                 val_dir: str | None = "val", labelled: bool = True, seed: int = 0):
+        super().__init__()
+        if name not in IN_MEMORY | FOLDERS:
+            raise UserError(f"data.name={name!r} is unknown; allowed: {', '.join(sorted(IN_MEMORY | FOLDERS))}")
+        self.name, self.root, self.image_size, self.channels = name, root, image_size, channels
+        self.crop_size = crop_size or image_size
+        self.num_classes, self.mean, self.std = num_classes, mean, std
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.download, self.max_train_samples, self.seed = download, max_train_samples, seed
+        self.train_dir, self.val_dir, self.labelled = train_dir, val_dir, labelled
+        self.pretrain: Dataset | None = None
+        self.eval_train: Dataset | None = None
+        self.eval_val: Dataset | None = None
+        self.has_labels = True
+        self.eval_split_names = ("train", "test")
+
+    # ---- building the splits -------------------------------------------------------------------
+    def check_root(self) -> None:
+        """Fail early, in one line, when a dataset that needs a folder has none."""
+        if self.name in FOLDERS:
+            if not self.root:
+                raise UserError(f"data.root is not set: {self.name} reads a class-per-folder tree; "
+                                f"pass data.root=/path/to/{self.name}")
+            train = Path(self.root) / (self.train_dir or "")
+            if not train.is_dir():
+                raise UserError(f"data.root={self.root}: folder {train} does not exist; point data.root at "
+                                f"the dataset (with {self.train_dir}/ and {self.val_dir}/ inside)")
+        elif self.name not in {"digits", "fake"} and not self.root:
+            raise UserError(f"data.root is not set for {self.name}; pass data.root=/path/to/data")
+
+    def prepare_data(self) -> None:
+        """Runs on one process: downloads where allowed and needed."""
+        self.check_root()
+        if self.name in {"cifar10", "cifar100", "stl10", "fashion_mnist"} and self.download:
+            self._load_in_memory(download=True)
+
+    def _load_in_memory(self, download: bool):
+        if self.name == "digits":
+            return ds.digits(self.image_size)
+        if self.name == "fashion_mnist":
+            return ds.fashion_mnist(self.root, download=download)
+        if self.name in {"cifar10", "cifar100"}:
+            return ds.cifar(self.root, num_classes=int(self.name[5:]), download=download)
+        if self.name == "stl10":
+            return ds.stl10(self.root, download=download)
+        return ds.fake(image_size=self.image_size, channels=self.channels, num_classes=self.num_classes,
+                       seed=self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pretrain is not None:
+            return
+        self.check_root()
+        if self.name in IN_MEMORY:
+            splits = self._load_in_memory(download=False)
+            train, test = splits[-2], splits[-1]
+            pretrain = splits[0]
+            got = tuple(train.images.shape[1:])
+            want = (self.channels, self.image_size, self.image_size)
+            if got != want:
+                raise UserError(f"data.image_size/channels say {want} but {self.name} images are {got}; "
+                                f"fix data.image_size={got[1]} data.channels={got[0]}")
+            self.pretrain = ds.TensorImages(pretrain)
+            self.eval_train, self.eval_val = ds.TensorImages(train), ds.TensorImages(test)
+            self.has_labels = bool((train.labels >= 0).any())
+        else:
+            root = Path(self.root)
+            self.pretrain = ds.FolderImages(str(root / self.train_dir), self.image_size, self.channels, self.labelled)
+            self.has_labels = self.labelled and bool(self.pretrain.classes)
+            self.eval_train = self.pretrain
+            val = root / self.val_dir if self.val_dir else None
+            self.eval_val = (ds.FolderImages(str(val), self.image_size, self.channels, self.labelled)
+                             if val is not None and val.is_dir() else None)
+            self.has_labels = self.has_labels and self.eval_val is not None
+            self.eval_split_names = (self.train_dir, self.val_dir or "none")
+            self.num_classes = len(self.pretrain.classes) or self.num_classes
+            if self.has_labels and len(self.pretrain.classes) < 2:
+                raise UserError(f"data.root={self.root}: found {len(self.pretrain.classes)} class folder; "
+                                "evaluation needs at least 2 (or set data.labelled=false)")
+        if self.max_train_samples is not None and self.max_train_samples < len(self.pretrain):
+            idx = torch.randperm(len(self.pretrain), generator=torch.Generator().manual_seed(self.seed))
+            self.pretrain = Subset(self.pretrain, idx[: self.max_train_samples].tolist())
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.pretrain) < self.batch_size * world:
+            raise UserError(f"data.batch_size={self.batch_size} x {world} device(s) is larger than the "
+                            f"{len(self.pretrain)} pretraining images; lower data.batch_size")
+
+    # ---- loaders -------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.pretrain, self.batch_size, shuffle=True, drop_last=True)
+
+    def eval_train_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_train, self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def eval_val_dataloader(self) -> DataLoader:
+        if self.eval_val is None:
+            raise UserError(f"{self.name} has no held-out split to evaluate on")
+        return self._loader(self.eval_val, self.eval_batch_size, shuffle=False, drop_last=False)

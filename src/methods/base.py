@@ -1,0 +1,151 @@
+"""SSLMethod: the plumbing every method shares, so a method file only says what its paper says.
+
+A subclass writes ``training_loss(views) -> loss`` or ``(loss, {name: value})`` and, if it has a
+teacher, ``momentum_pairs() -> [(online, target), ...]``. The base turns raw uint8 batches into views
+on the device, logs, builds the optimizer (no weight decay on norms and biases, LR scaled by the
+effective batch), steps a warm-up + cosine schedule per optimizer step and updates EMA targets once
+per optimizer step (so gradient accumulation is safe).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from src.nn.ema import update_momentum
+from src.nn.schedules import cosine_schedule, warmup_cosine
+from src.utils.errors import UserError
+
+
+class NonFiniteLossError(UserError):
+    """Raised when the loss is NaN/inf; the last good checkpoint stays untouched."""
+
+
+class SSLMethod(L.LightningModule):
+    def __init__(self, backbone: nn.Module, views: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
+                 warmup_epochs: float = 10, min_lr_ratio: float = 0.0, lr_scaling: str = "linear",
+                 reference_batch_size: int = 256, momentum: float = 0.996, momentum_end: float | None = None,
+                 channels_last: bool = False):
+        super().__init__()
+        if lr_scaling not in {"linear", "sqrt", "none"}:
+            raise UserError(f"method.lr_scaling={lr_scaling!r}; allowed: linear, sqrt, none")
+        self.save_hyperparameters(ignore=["backbone", "views", "optimizer"])
+        self.backbone = backbone
+        self.views = views
+        self.optimizer_factory = optimizer
+        self._ema_step = 0
+
+    # ---- what a method writes -------------------------------------------------------------------
+    def training_loss(self, views: list[torch.Tensor]):
+        raise NotImplementedError
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return []
+
+    # ---- features (what evaluation reads) ---------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+    # ---- views on the device --------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        images, labels = batch
+        views = self.views(images)
+        if self.hparams.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return {"views": views, "image": images, "label": labels}
+
+    # ---- training -------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.training_loss(batch["views"])
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+            raise NonFiniteLossError(f"non-finite loss {float(loss)} at step {self.global_step}"
+                                     + (f" ({terms})" if terms else "") + "; lower method.optimizer.lr or "
+                                     "check the data; the last good checkpoint is kept")
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """EMA once per optimizer step: global_step only moves when the optimizer stepped."""
+        pairs = self.momentum_pairs()
+        if not pairs or self.trainer.global_step == self._ema_step:
+            return
+        m = self.ema_momentum(self.trainer.global_step - 1)
+        for online, target in pairs:
+            update_momentum(online, target, m)
+        self._ema_step = self.trainer.global_step
+        self.log("train/ema_momentum", m, batch_size=batch["image"].shape[0])
+
+    def ema_momentum(self, step: int) -> float:
+        """Constant ``momentum``, or cosine from ``momentum`` to ``momentum_end`` over training (BYOL)."""
+        if self.hparams.momentum_end is None:
+            return self.hparams.momentum
+        return cosine_schedule(step, self.trainer.estimated_stepping_batches, self.hparams.momentum,
+                               self.hparams.momentum_end)
+
+    # ---- optimizer ------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Weight decay on weights only: biases and norm parameters (ndim <= 1) get none (and no LARS
+        adaptation). Subclasses may add groups (e.g. a fixed-LR predictor)."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+    def effective_batch_size(self) -> int:
+        t = self.trainer
+        return t.datamodule.batch_size * t.world_size * t.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        base_lr = self.optimizer_factory.keywords["lr"]
+        batch = self.effective_batch_size()
+        ratio = batch / self.hparams.reference_batch_size
+        scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.hparams.lr_scaling]
+        lr = base_lr * scale
+        optimizer = self.optimizer_factory(self.param_groups(), lr=lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
+        warmup = int(self.hparams.warmup_epochs * steps_per_epoch)
+        rank_zero_info(f"effective batch {batch}: lr = {base_lr} x {scale:.4g} ({self.hparams.lr_scaling} "
+                       f"scaling, reference {self.hparams.reference_batch_size}) = {lr:.4g}; "
+                       f"{total} steps, {warmup} warm-up")
+        self.scaled_lr = lr
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, total, warmup, self.hparams.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- config rules checked before training -----------------------------------------------------
+    min_global_batch = 2  # contrastive losses need at least one negative
+
+    @classmethod
+    def config_problems(cls, method_cfg, global_batch: int, num_views: int) -> list[str]:
+        """One line per problem with this method's config; extended by methods with extra rules."""
+        problems = []
+        if global_batch < cls.min_global_batch:
+            problems.append(f"data.batch_size gives a global batch of {global_batch}, too small for "
+                            f"{cls.__name__}'s loss (needs >= {cls.min_global_batch}); raise data.batch_size")
+        if num_views < 2:
+            problems.append(f"{cls.__name__} needs 2 views per image but views give {num_views}; "
+                            "set views.crops[0].num=2")
+        scaling = method_cfg.get("lr_scaling", "linear")
+        if scaling not in ("linear", "sqrt", "none"):
+            problems.append(f"method.lr_scaling={scaling} is not allowed; use linear, sqrt or none")
+        return problems

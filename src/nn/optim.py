@@ -1,0 +1,46 @@
+"""LARS (You et al. 2017, "Large Batch Training of Convolutional Networks"), as used by SimCLR/BYOL."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose per-tensor step is scaled by the trust ratio
+    ``eta * ||w|| / ||g + weight_decay * w||`` (the form SimCLR and BYOL use). Parameter groups
+    with ``lars_exclude=True`` (biases and norms, set by the method's param groups) skip both weight decay and adaptation.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 1e-3,
+                 nesterov: bool = False):
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      nesterov=nesterov, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if not group["lars_exclude"]:
+                    if group["weight_decay"]:
+                        g = g.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                        torch.ones_like(w_norm))
+                    g = g.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = g.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                buf = state["momentum_buffer"]
+                p.add_(g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf, alpha=-group["lr"])
+        return loss

@@ -1,0 +1,105 @@
+"""`python -m src.train [overrides]`: compose -> check -> instantiate -> fit -> final evaluation -> table.
+
+Every problem a user can fix (bad config, missing data, non-finite loss) ends as one `error:` line on
+stderr with exit code 2; a run folder that got nothing but its config is removed again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from src.callbacks.throughput import ThroughputMonitor
+from src.utils.checks import check_config
+from src.utils.config import CONF_DIR
+from src.utils.errors import UserError
+from src.utils.loggers import build_loggers
+from src.utils.preflight import fail, preflight
+from src.utils.results import format_table, write_results
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+    callbacks: list[L.Callback] = [ThroughputMonitor()]  # first: its timing must not include the probes
+    for name, cb_cfg in (cfg.eval or {}).items():
+        if cb_cfg is None:
+            continue
+        kwargs = {}
+        if "random_baseline" in cb_cfg:
+            cb_cfg = OmegaConf.masked_copy(cb_cfg, [k for k in cb_cfg if k != "random_baseline"])
+            if cfg.eval[name].random_baseline:
+                kwargs["random_backbone"] = lambda: instantiate(cfg.backbone)
+            kwargs["seed"] = cfg.seed
+        callbacks.append(instantiate(cb_cfg, **kwargs))
+    callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                     every_n_epochs=cfg.checkpoint.every_n_epochs))
+    return callbacks
+
+
+def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
+    check_config(cfg)
+    start = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+    callbacks = build_callbacks(cfg, run_dir)
+    loggers = build_loggers(cfg.logger, run_dir, run_dir.name if run_dir.parent.name else "run")
+    trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir)
+    for lg in trainer.loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    results = {**names, "epochs": trainer.current_epoch, "seed": cfg.seed,
+               "precision": str(cfg.trainer.precision), "devices": trainer.world_size,
+               "effective_batch_size": method.effective_batch_size(), "lr": getattr(method, "scaled_lr", None)}
+    for cb in callbacks:
+        results.update(getattr(cb, "results", {}) or {})
+        metrics = getattr(cb, "metrics", {}) or {}
+        results.update({k.replace("eval/", "last_"): v for k, v in metrics.items()})  # per-epoch monitors
+    results["wall_time_s"] = round(time.time() - start, 1)
+    results["run_dir"] = str(run_dir)
+    results = {k: (round(float(v), 4) if isinstance(v, torch.Tensor | float) else v) for k, v in results.items()}
+    if trainer.is_global_zero:
+        write_results(results, run_dir)
+        print("\n" + format_table(results) + f"\n\nresults: {run_dir / 'results.json'}", flush=True)
+    return results
+
+
+def _discard_if_empty(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing a user could want (config copy and empty logs only)."""
+    if not run_dir.is_dir():
+        return
+    if any(p.is_file() and p.suffix in {".ckpt", ".json", ".csv"} for p in run_dir.rglob("*")):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def hydra_entry(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    names = {k: hc.runtime.choices.get(k) for k in ("method", "backbone", "data")}
+    try:
+        results = train(cfg, run_dir, names)
+    except UserError as e:
+        _discard_if_empty(run_dir)
+        fail(str(e).splitlines())
+    return results.get("knn_top1")  # the value sweepers optimise
+
+
+def main() -> None:
+    preflight(sys.argv[1:])
+    hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Config helpers shared by the CLI, the pre-flight check and the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("lt"):
+        OmegaConf.register_new_resolver("lt", lambda a, b: a < b)  # e.g. cifar_stem: ${lt:${data.crop_size},100}
+
+
+_register_resolvers()
+
+
+def group_options(group: str) -> list[str]:
+    """The choices of a config group, e.g. group_options('method') -> ['moco', 'moco_v1', ...]."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()):
+    """Compose conf/train.yaml with overrides, outside a Hydra app (tests, pre-flight)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))

@@ -1,0 +1,113 @@
+"""Check the command line before Hydra runs anything: unknown choices, unknown keys, bad values and
+missing data become one line each on stderr and exit code 2, before any run folder is written.
+
+Sweeps (``-m method=simclr,moco``) are expanded and every combination is checked.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+import sys
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from src.utils.checks import config_problems
+from src.utils.config import compose, config_groups, group_options
+from src.utils.errors import UserError
+
+MAX_COMBINATIONS = 256
+
+
+def _leaf_keys(cfg: DictConfig) -> list[str]:
+    from src.utils.checks import _walk
+
+    keys = []
+    for top in cfg.keys():
+        if top != "hydra" and isinstance(cfg[top], DictConfig):
+            keys += [k for k, _ in _walk(cfg[top], str(top))]
+            keys += [f"{top}.{k}" for k in cfg[top].keys()]
+        else:
+            keys.append(str(top))
+    return keys
+
+
+def _expand(overrides: list[str]) -> list[list[str]]:
+    """Expand sweep overrides into concrete override lists (one per job)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    return [list(c) for c in itertools.islice(itertools.product(*choices), MAX_COMBINATIONS)]
+
+
+def _composition_message(err: Exception, overrides: list[str]) -> str:
+    text = str(err)
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if m and "not in struct" in text or (m and "No match in" in text):
+        key = m.group(1)
+        base = compose([o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
+        close = difflib.get_close_matches(key, _leaf_keys(base), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; use +{key}=... to add a new key"
+        return f"unknown config key '{key}'{hint}"
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if m:
+        group, name = m.groups()
+        return f"unknown {group} '{name}'; available: {', '.join(group_options(group))}"
+    return text.strip().splitlines()[0]
+
+
+def problems_for(overrides: list[str]) -> list[str]:
+    groups = set(config_groups())
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        if key in groups and value not in group_options(key) and "," not in value:
+            return [f"unknown {key} '{value}'; available: {', '.join(group_options(key))}"]
+    try:
+        cfg = compose(overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad overrides
+        return [_composition_message(e, overrides)]
+    try:
+        problems = config_problems(cfg)
+        if not problems:
+            from hydra.utils import instantiate
+
+            OmegaConf.resolve(cfg.data)
+            instantiate(cfg.data).check_root()
+    except UserError as e:
+        problems = str(e).splitlines()
+    except Exception as e:  # noqa: BLE001
+        problems = [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
+    return problems
+
+
+def preflight(argv: list[str]) -> None:
+    """Exit with code 2 and one line per problem when the command line cannot run."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # --help, --cfg, --info ...: Hydra's own business
+    overrides = [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))]
+    try:
+        combos = _expand(overrides)
+    except Exception as e:  # noqa: BLE001
+        fail([f"cannot parse the command line: {str(e).strip().splitlines()[0]}"])
+    seen: set[str] = set()
+    problems: list[str] = []
+    for combo in combos:
+        for p in problems_for(combo):
+            if p not in seen:
+                seen.add(p)
+                problems.append(p)
+    if problems:
+        fail(problems)
+
+
+def fail(problems: list[str]) -> None:
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    sys.exit(2)

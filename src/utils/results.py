@@ -1,0 +1,33 @@
+"""The run's final results: a table on stdout and results.json in the run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROWS = [
+    ("method", "method"), ("backbone", "backbone"), ("data", "data"), ("epochs", "epochs"),
+    ("knn_top1", "kNN top-1 (%)"), ("linear_top1", "linear top-1 (%)"),
+    ("random_knn_top1", "random-init kNN top-1 (%)"), ("random_linear_top1", "random-init linear top-1 (%)"),
+    ("eval_val_split", "evaluated on split"), ("last_online_val_top1", "online probe top-1 (%), last epoch"),
+    ("wall_time_s", "wall time (s)"), ("train_images_per_s", "training images/s"),
+    ("data_wait_fraction", "share of time waiting for data"), ("peak_memory_mib", "peak memory (MiB)"),
+]
+
+
+def format_table(results: dict) -> str:
+    rows = [(label, results[key]) for key, label in ROWS if key in results and results[key] is not None]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'result':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
+    for label, value in rows:
+        value = f"{value:.2f}" if isinstance(value, float) else str(value)
+        lines.append(f"{label:<{width}}  {value}")
+    return "\n".join(lines)
+
+
+def write_results(results: dict, run_dir: Path) -> Path:
+    path = Path(run_dir) / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path

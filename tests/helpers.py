@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from src.utils.config import compose, group_options
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = group_options("method")
+
+torch.set_num_threads(2)
+
+
+def tiny_cfg(method: str, *overrides: str):
+    """The real configs of ``method`` shrunk to run in a second on CPU (fake data, 8-channel convnet)."""
+    cfg = compose([f"method={method}", "data=fake", "backbone=convnet", "backbone.width=8", "backbone.depth=2",
+                   "data.batch_size=16", "data.image_size=16", "data.crop_size=16", "logger=none", "eval=none",
+                   "trainer.max_epochs=1", *overrides])
+    with open_dict(cfg):
+        for key in ("proj_hidden_dim",):
+            if key in cfg.method:
+                cfg.method[key] = 32
+        if "queue_size" in cfg.method:
+            cfg.method.queue_size = 64
+        cfg.method.warmup_epochs = 0
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m src.train ARGS` as a user would."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def to_plain(cfg):
+    return OmegaConf.to_container(cfg, resolve=True)
