@@ -1,0 +1,111 @@
+"""Frozen-feature extraction for the evaluation callbacks.
+
+Features are computed in eval mode under ``torch.no_grad()``; the train/eval flag of every submodule is
+restored exactly afterwards, so BatchNorm running statistics and the training state of the method are left
+untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+
+@contextlib.contextmanager
+def eval_mode(module: Any) -> Iterator[None]:
+    """Put ``module`` (if it is an ``nn.Module``) in eval mode, then restore each submodule's own flag."""
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def evenly_subsampled(loader: Iterable, max_items: int | None) -> Iterable:
+    """A loader over ``max_items`` evenly spaced samples of ``loader``'s dataset (same batch size and workers).
+
+    Eval loaders are not shuffled and folder datasets are sorted by class, so keeping the first ``max_items``
+    would drop whole classes. Loaders that are not plain map-style ``DataLoader``s are returned unchanged
+    (and get truncated instead).
+    """
+    dataset = getattr(loader, "dataset", None)
+    if max_items is None or not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return loader
+    if isinstance(dataset, IterableDataset):
+        return loader
+    try:
+        n = len(dataset)
+    except TypeError:
+        return loader
+    if n <= max_items:
+        return loader
+    idx = torch.linspace(0, n - 1, max_items).round().long().tolist()
+    extra = (
+        {"persistent_workers": False, "prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
+    )
+    return DataLoader(
+        Subset(dataset, idx),
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        **extra,
+    )
+
+
+def extract_features_with(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    views: Any,
+    loader: Iterable,
+    device: torch.device | str,
+    max_items: int | None = None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model(views.eval_view(images))`` over ``loader`` of ``(images uint8, labels)`` batches.
+
+    ``forward_context`` is an optional zero-argument callable returning a context manager entered around each
+    forward pass, e.g. ``trainer.precision_plugin.forward_context`` for bf16 autocast. Returns
+    ``(features float32 (N, D) on CPU, labels long (N,) on CPU)``; with ``max_items``, at most that many
+    samples, evenly spaced over the dataset (see :func:`evenly_subsampled`).
+    """
+    feats, labels, count = [], [], 0
+    with eval_mode(model), eval_mode(views), torch.no_grad():
+        for images, targets in evenly_subsampled(loader, max_items):
+            if max_items is not None and count >= max_items:
+                break
+            x = views.eval_view(images.to(device, non_blocking=True))
+            with forward_context() if forward_context is not None else contextlib.nullcontext():
+                f = model(x)
+            feats.append(f.flatten(1).float().cpu())
+            labels.append(torch.as_tensor(targets).long().cpu())
+            count += feats[-1].shape[0]
+    if not feats:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    out_f, out_y = torch.cat(feats), torch.cat(labels)
+    if max_items is not None:
+        out_f, out_y = out_f[:max_items], out_y[:max_items]
+    return out_f, out_y
+
+
+def extract_features(
+    pl_module: Any,
+    loader: Iterable,
+    max_items: int | None = None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of the method itself: ``pl_module(pl_module.views.eval_view(x))`` on ``pl_module.device``."""
+    return extract_features_with(
+        pl_module, pl_module.views, loader, pl_module.device, max_items, forward_context
+    )

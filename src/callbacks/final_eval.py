@@ -1,0 +1,117 @@
+"""Final frozen-feature evaluation: weighted kNN and a linear probe, optionally against a random-init baseline.
+
+Runs once in ``on_train_end`` (not ``on_fit_end``: by then Lightning has already moved the module to the CPU).
+``self.results`` holds plain floats in percent rounded to 2 decimals:
+``knn_top1, linear_top1, linear_top5`` and, with a ``random_backbone`` factory,
+``random_knn_top1, random_linear_top1, random_linear_top5``; plus ``eval_train_split, eval_val_split``
+(names) and ``eval_train_items, eval_val_items`` (counts). Numeric results are logged as ``eval/<key>`` to
+every logger. Unlabelled data: ``self.results == {"eval_skipped": "data has no labels"}``.
+Every rank computes the same thing (eval loaders are not sharded); loggers only write on rank 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from src.callbacks.features import extract_features, extract_features_with
+from src.nn.knn import knn_top1
+from src.nn.linear_probe import train_linear_probe
+
+
+class FinalEvaluation(L.Callback):
+    def __init__(
+        self,
+        random_backbone: Callable[[], nn.Module] | None = None,
+        k: int = 200,
+        temperature: float = 0.07,
+        linear_epochs: int = 100,
+        linear_lr: float = 1.0,
+        linear_weight_decay: float = 1e-3,
+        max_train_items: int | None = None,
+        max_val_items: int | None = None,
+        seed: int = 0,
+    ):
+        self.random_backbone = random_backbone
+        self.k, self.temperature = k, temperature
+        self.linear_epochs, self.linear_lr, self.linear_weight_decay = (
+            linear_epochs,
+            linear_lr,
+            linear_weight_decay,
+        )
+        self.max_train_items, self.max_val_items, self.seed = max_train_items, max_val_items, seed
+        self.results: dict[str, Any] = {}
+
+    def _scores(
+        self, train: tuple, val: tuple, num_classes: int, device: torch.device, prefix: str
+    ) -> dict[str, float]:
+        (tx, ty), (vx, vy) = [(f.to(device), y.to(device)) for f, y in (train, val)]
+        knn = knn_top1(tx, ty, vx, vy, num_classes, self.k, self.temperature)
+        lin = train_linear_probe(
+            tx,
+            ty,
+            vx,
+            vy,
+            num_classes,
+            self.linear_epochs,
+            self.linear_lr,
+            self.linear_weight_decay,
+            seed=self.seed,
+        )
+        return {
+            f"{prefix}knn_top1": knn,
+            f"{prefix}linear_top1": lin["top1"],
+            f"{prefix}linear_top5": lin["top5"],
+        }
+
+    def _random_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[tuple, tuple]:
+        """Build and evaluate the random baseline without touching the global RNG stream."""
+        device, dm = pl_module.device, trainer.datamodule
+        cuda = device.type == "cuda"
+        index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else 0)
+        with torch.random.fork_rng(devices=[index] if cuda else []):
+            torch.random.default_generator.manual_seed(self.seed)
+            if cuda:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(self.seed)
+            backbone = self.random_backbone().to(device)
+            ctx = trainer.precision_plugin.forward_context
+            train = extract_features_with(
+                backbone, pl_module.views, dm.eval_train_dataloader(), device, self.max_train_items, ctx
+            )
+            val = extract_features_with(
+                backbone, pl_module.views, dm.eval_val_dataloader(), device, self.max_val_items, ctx
+            )
+        return train, val
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if not getattr(dm, "has_labels", False):
+            self.results = {"eval_skipped": "data has no labels"}
+            rank_zero_info("final evaluation skipped: data has no labels")
+            return
+        ctx, device = trainer.precision_plugin.forward_context, pl_module.device
+        train = extract_features(pl_module, dm.eval_train_dataloader(), self.max_train_items, ctx)
+        val = extract_features(pl_module, dm.eval_val_dataloader(), self.max_val_items, ctx)
+        scores = self._scores(train, val, dm.num_classes, device, "")
+        if self.random_backbone is not None:
+            scores.update(
+                self._scores(*self._random_features(trainer, pl_module), dm.num_classes, device, "random_")
+            )
+        train_split, val_split = getattr(dm, "eval_split_names", ("train", "val"))
+        self.results = {key: round(float(v), 2) for key, v in scores.items()}
+        self.results.update(
+            eval_train_split=train_split,
+            eval_val_split=val_split,
+            eval_train_items=int(train[0].shape[0]),
+            eval_val_items=int(val[0].shape[0]),
+        )
+        metrics = {f"eval/{k}": v for k, v in self.results.items() if isinstance(v, (int, float))}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(f"final evaluation: {self.results}")

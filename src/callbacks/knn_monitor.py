@@ -1,0 +1,57 @@
+"""Periodic weighted-kNN evaluation of the method's frozen features.
+
+Every ``every_n_epochs`` training epochs, features of the eval-train split form the bank and features of the
+eval-val split are classified by :func:`src.nn.knn.knn_top1`. Logs ``eval/knn_top1`` (percent) and keeps the
+latest value in ``self.metrics["eval/knn_top1"]``. Unlabelled datasets are skipped (said once).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from src.callbacks.features import extract_features
+from src.nn.knn import knn_top1
+
+
+class KNNMonitor(L.Callback):
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        k: int = 200,
+        temperature: float = 0.07,
+        max_train_items: int | None = None,
+        max_val_items: int | None = None,
+    ):
+        self.every_n_epochs, self.k, self.temperature = every_n_epochs, k, temperature
+        self.max_train_items, self.max_val_items = max_train_items, max_val_items
+        self.metrics: dict[str, float] = {}
+        self._skip_said = False
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        dm = trainer.datamodule
+        if not getattr(dm, "has_labels", False):
+            if not self._skip_said:
+                rank_zero_info("kNN monitor skipped: data has no labels")
+                self._skip_said = True
+            return
+        ctx = trainer.precision_plugin.forward_context
+        bank, bank_y = extract_features(pl_module, dm.eval_train_dataloader(), self.max_train_items, ctx)
+        query, query_y = extract_features(pl_module, dm.eval_val_dataloader(), self.max_val_items, ctx)
+        if bank.shape[0] == 0 or query.shape[0] == 0:
+            return
+        dev = pl_module.device
+        top1 = knn_top1(
+            bank.to(dev),
+            bank_y.to(dev),
+            query.to(dev),
+            query_y.to(dev),
+            dm.num_classes,
+            self.k,
+            self.temperature,
+        )
+        self.metrics["eval/knn_top1"] = top1
+        # identical on every rank (eval loaders are not sharded); sync_dist keeps Lightning's DDP warning quiet
+        pl_module.log("eval/knn_top1", top1, on_step=False, on_epoch=True, sync_dist=True)

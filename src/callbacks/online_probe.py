@@ -1,0 +1,151 @@
+"""Online linear probe trained alongside the method on detached, frozen features.
+
+Logs ``eval/online_train_top1`` (accuracy of the probe on the training batches it was trained on during the
+epoch) every epoch and ``eval/online_val_top1`` (on ``datamodule.eval_val_dataloader()``) every
+``val_every_n_epochs`` epochs; the latest values are kept in ``self.metrics`` under the same keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from src.callbacks.features import eval_mode, extract_features
+
+
+class OnlineLinearProbe(L.Callback):
+    """``nn.Linear(D, num_classes)`` with its own AdamW, fitted on ``eval_view(batch["image"])`` features.
+
+    The probe is not a submodule of the method, so the method's optimizer and checkpoint weights never see it;
+    its state (weights and optimizer) is saved through the callback ``state_dict``. Features are computed with
+    the method in eval mode under ``no_grad`` (train flags restored, BatchNorm statistics untouched). The probe
+    starts at zero and, under DDP, its gradients are averaged over ranks, so all ranks hold the same probe.
+    Batches whose labels are all -1 (unknown) contribute nothing; unlabelled datasets are skipped entirely.
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        val_every_n_epochs: int = 1,
+        max_val_items: int | None = None,
+    ):
+        self.lr, self.weight_decay = lr, weight_decay
+        self.val_every_n_epochs, self.max_val_items = val_every_n_epochs, max_val_items
+        self.probe: nn.Linear | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.metrics: dict[str, float] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._skip_said = False
+        self._correct = self._seen = None
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        if getattr(trainer.datamodule, "has_labels", False):
+            return True
+        if not self._skip_said:
+            rank_zero_info("online probe skipped: data has no labels")
+            self._skip_said = True
+        return False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._active(trainer):
+            return
+        dims = (pl_module.backbone.out_dim, trainer.datamodule.num_classes)
+        self.probe = nn.utils.skip_init(nn.Linear, *dims, device=pl_module.device)
+        nn.init.zeros_(self.probe.weight)  # deterministic, identical on every rank, no global RNG use
+        nn.init.zeros_(self.probe.bias)
+        self.optimizer = torch.optim.AdamW(
+            self.probe.parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
+        if self._pending_state is not None:
+            self.load_state_dict(self._pending_state)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._correct = torch.zeros((), device=pl_module.device, dtype=torch.long)
+        self._seen = torch.zeros((), device=pl_module.device, dtype=torch.long)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.probe is None:
+            return
+        labels = batch["label"]
+        keep = labels >= 0
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not distributed and not bool(keep.any()):
+            return
+        images, labels = batch["image"][keep], labels[keep]
+        self.optimizer.zero_grad(set_to_none=False)
+        if images.shape[0] > 0:
+            with eval_mode(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
+                feats = pl_module(pl_module.views.eval_view(images))
+            with torch.enable_grad():
+                logits = self.probe(feats.flatten(1).float())
+                F.cross_entropy(logits, labels).backward()
+            self._correct += (logits.detach().argmax(1) == labels).sum()
+            self._seen += labels.numel()
+        if distributed:  # every rank reaches this point on every batch, so the collective cannot hang
+            world = dist.get_world_size()
+            for p in self.probe.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        self.optimizer.step()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.probe is None or self._seen is None:
+            return
+        stats = trainer.strategy.reduce(torch.stack([self._correct, self._seen]).float(), reduce_op="sum")
+        if stats[1] > 0:
+            self._log(pl_module, "eval/online_train_top1", float(stats[0] / stats[1] * 100.0))
+        if (trainer.current_epoch + 1) % self.val_every_n_epochs == 0:
+            self._log(pl_module, "eval/online_val_top1", self.evaluate(trainer, pl_module))
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        """Top-1 (percent) of the current probe on the eval-val split (not sharded: same on every rank)."""
+        feats, labels = extract_features(
+            pl_module,
+            trainer.datamodule.eval_val_dataloader(),
+            self.max_val_items,
+            trainer.precision_plugin.forward_context,
+        )
+        if labels.numel() == 0:
+            return 0.0
+        correct = 0
+        for i in range(0, feats.shape[0], 4096):
+            logits = self.probe(feats[i : i + 4096].to(pl_module.device))
+            correct += int((logits.argmax(1).cpu() == labels[i : i + 4096]).sum())
+        return correct / labels.numel() * 100.0
+
+    def _log(self, pl_module: L.LightningModule, name: str, value: float) -> None:
+        self.metrics[name] = value
+        # identical on every rank; sync_dist (a mean of equal values) only keeps Lightning's DDP warning quiet
+        pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.probe is None:
+            return {}
+        return {
+            "probe": self.probe.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "metrics": dict(self.metrics),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.probe is None:  # checkpoint restored before on_fit_start: apply once the probe exists
+            self._pending_state = state_dict
+            return
+        self.probe.load_state_dict(state_dict["probe"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.metrics = dict(state_dict.get("metrics", {}))
+        self._pending_state = None
