@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,12 @@ from src.utils.errors import UserError
 from src.utils.loggers import build_loggers
 from src.utils.preflight import fail, preflight
 from src.utils.results import format_table, write_results
+
+
+# Lightning notices that are expected here and say nothing to a user of this framework.
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:

@@ -124,6 +124,10 @@ class SSLMethod(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
         warmup = int(self.hparams.warmup_epochs * steps_per_epoch)
+        if warmup > total // 2:  # e.g. the paper's 10 warm-up epochs in a 5-epoch CPU run
+            rank_zero_info(f"warm-up of {self.hparams.warmup_epochs} epochs is more than half of this "
+                           f"{self.trainer.max_epochs}-epoch run; warming up over {total // 2} steps instead")
+            warmup = total // 2
         rank_zero_info(f"effective batch {batch}: lr = {base_lr} x {scale:.4g} ({self.hparams.lr_scaling} "
                        f"scaling, reference {self.hparams.reference_batch_size}) = {lr:.4g}; "
                        f"{total} steps, {warmup} warm-up")

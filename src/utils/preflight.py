@@ -48,12 +48,15 @@ def _expand(overrides: list[str]) -> list[list[str]]:
 
 
 def _composition_message(err: Exception, overrides: list[str]) -> str:
-    text = str(err)
-    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
-    if m and "not in struct" in text or (m and "No match in" in text):
+    text = f"{err}\n{err.__cause__ or ''}"
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and ("not in struct" in text or "No match in" in text):
         key = m.group(1)
-        base = compose([o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
-        close = difflib.get_close_matches(key, _leaf_keys(base), n=1, cutoff=0.6)
+        try:
+            base = compose([o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
+            close = difflib.get_close_matches(key, _leaf_keys(base), n=1, cutoff=0.75)
+        except Exception:  # noqa: BLE001 - another override is bad too; report this one plainly
+            close = []
         hint = f"; did you mean '{close[0]}'?" if close else f"; use +{key}=... to add a new key"
         return f"unknown config key '{key}'{hint}"
     m = re.search(r"Could not find '([^/']+)/([^']+)'", text)

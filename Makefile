@@ -1,0 +1,42 @@
+# The two commands: `make train` and `make test`. Both create the environment first when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install train test test-fast lint clean data
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch + torchvision first: this pair installs from local files on the project's machines
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install --quiet torch torchvision
+	$(PY) -m pip install --quiet -e ".[dev]"
+	-$(MAKE) --no-print-directory data
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST from Debian's package where apt exists (best effort; elsewhere torchvision downloads it).
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST present"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+		|| (sudo -n apt-get update -qq && sudo -n apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+		|| echo "could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded on first use"; \
+	else echo "no apt-get; Fashion-MNIST will be downloaded on first use"; fi
+
+train: $(STAMP)
+	$(PY) -m src.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+
+clean:
+	rm -rf outputs/*/ multirun .pytest_cache
