@@ -114,3 +114,15 @@ def test_wandb_failure_never_takes_the_run_down(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "W&B logging disabled" in proc.stderr + proc.stdout
     assert (run_dir / "results.json").is_file() and (run_dir / "csv" / "metrics.csv").is_file()
+
+
+def test_ddp_cpu_run_writes_one_result(tmp_path):
+    """hardware=ddp_cpu: Lightning re-launches the script for rank 1 into the same run folder."""
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, "trainer.max_epochs=1", "hardware=ddp_cpu", "data.batch_size=64", "eval=final_only",
+                   "eval.final.random_baseline=false", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["devices"] == 2 and results["effective_batch_size"] == 128
+    assert results["knn_top1"] > 20.0
+    assert [p.name for p in tmp_path.iterdir()] == ["run"], "rank 1 must not create a second run folder"
