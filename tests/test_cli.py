@@ -97,7 +97,7 @@ def test_wandb_without_credentials_logs_offline(tmp_path):
     from tests.helpers import ROOT
 
     run_dir = tmp_path / "run"
-    args = [*TINY, "trainer.max_epochs=1", "eval=none", "logger=wandb", f"hydra.run.dir={run_dir}"]
+    args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "logger=wandb", f"hydra.run.dir={run_dir}"]
     proc = _run_env(args, _no_credentials_env(tmp_path), ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((run_dir / "wandb").glob("offline-run-*")), list(run_dir.rglob("*"))[:20]
@@ -108,7 +108,7 @@ def test_wandb_failure_never_takes_the_run_down(tmp_path):
     from tests.helpers import ROOT
 
     run_dir = tmp_path / "run"
-    args = [*TINY, "trainer.max_epochs=1", "eval=none", "logger=wandb", "logger.wandb.mode=online",
+    args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "logger=wandb", "logger.wandb.mode=online",
             f"hydra.run.dir={run_dir}"]
     proc = _run_env(args, _no_credentials_env(tmp_path), ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,3 +126,28 @@ def test_ddp_cpu_run_writes_one_result(tmp_path):
     assert results["devices"] == 2 and results["effective_batch_size"] == 128
     assert results["knn_top1"] > 20.0
     assert [p.name for p in tmp_path.iterdir()] == ["run"], "rank 1 must not create a second run folder"
+
+
+def test_imagefolder_run_reads_a_class_per_folder_tree(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 48), ("val", 16)):
+        for c, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+            folder = tmp_path / "images" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                size = (int(rng.integers(20, 40)), int(rng.integers(20, 40)))  # varied sizes and modes
+                arr = np.clip(rng.normal(colour, 30, size=(*size[::-1], 3)), 0, 255).astype(np.uint8)
+                img = Image.fromarray(arr)
+                (img.convert("L") if i % 5 == 0 else img).save(folder / f"{i}.png")
+    (tmp_path / "images" / "train" / "class0" / "broken.png").write_bytes(b"not an image")
+    run_dir = tmp_path / "run"
+    proc = run_cli("data=imagefolder", f"data.root={tmp_path / 'images'}", "data.image_size=16", "data.crop_size=16",
+                   "data.batch_size=32", "data.num_workers=0", "backbone.width=8", "trainer.max_epochs=1",
+                   "eval=final_only", "eval.final.random_baseline=false", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["eval_val_split"] == "val" and results["eval_val_items"] == 32
+    assert results["knn_top1"] > 75.0  # two colours are easy to tell apart

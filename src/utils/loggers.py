@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
 
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def wandb_credentials() -> bool:
@@ -48,6 +51,6 @@ def _wandb(cfg: DictConfig, run_dir: Path, run_name: str):
         _ = logger.experiment  # start the run now, so a failure shows here and not mid-training
         return logger
     except Exception as e:  # noqa: BLE001 - any W&B problem must not stop training
-        rank_zero_warn(f"W&B logging disabled ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        rank_zero_only(log.warning)(f"W&B logging disabled ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                        "metrics still go to the CSV logger")
         return None
