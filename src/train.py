@@ -28,7 +28,6 @@ from src.utils.loggers import build_loggers
 from src.utils.preflight import fail, preflight
 from src.utils.results import format_table, write_results
 
-
 # Lightning notices that are expected here and say nothing to a user of this framework.
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")

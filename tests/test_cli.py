@@ -55,6 +55,7 @@ BAD_INPUTS = {
     "queue not a multiple of the batch": (["method=moco", "method.queue_size=1000"], "multiple of the global batch 256"),
     "typo in a key": (["method.temprature=0.1"], "unknown config key 'method.temprature'; did you mean 'method.temperature'?"),
     "gpu without a gpu": (["hardware=gpu"], "needs a CUDA GPU but none is visible"),
+    "missing checkpoint to resume": (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt is not a file"),
 }
 
 
@@ -151,3 +152,17 @@ def test_imagefolder_run_reads_a_class_per_folder_tree(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["eval_val_split"] == "val" and results["eval_val_items"] == 32
     assert results["knn_top1"] > 75.0  # two colours are easy to tell apart
+
+
+def test_resume_from_last_checkpoint_continues_training(tmp_path):
+    common = [*TINY, "method=moco_v2", "eval=final_only", "eval.final.random_baseline=false"]
+    first = run_cli(*common, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    second = run_cli(*common, "trainer.max_epochs=2", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["epochs"] == 2
+    import torch
+
+    state = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2 * (1437 // 128)  # digits train split, drop_last

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -47,6 +49,11 @@ def config_problems(cfg: DictConfig) -> list[str]:
                             f"a crop cannot be larger than the image; use at most {data.image_size}")
         if size is not None and group.get("num", 1) < 1:
             problems.append(f"views.crops[{i}].num={group.get('num')} must be >= 1")
+
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and not Path(str(ckpt)).is_file():
+        problems.append(f"ckpt_path={ckpt} is not a file; pass the path of a checkpoint such as "
+                        "outputs/<run>/checkpoints/last.ckpt")
 
     t = cfg.trainer
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
