@@ -58,7 +58,7 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
     datamodule = instantiate(cfg.data)
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
     callbacks = build_callbacks(cfg, run_dir)
-    loggers = build_loggers(cfg.logger, run_dir, run_dir.name if run_dir.parent.name else "run")
+    loggers = build_loggers(cfg.logger, run_dir, "_".join(str(v) for v in names.values()))
     trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
