@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
@@ -109,3 +110,13 @@ def extract_features(
     return extract_features_with(
         pl_module, pl_module.views, loader, pl_module.device, max_items, forward_context
     )
+
+
+def labels_available(trainer: Any, callback: Any, what: str) -> bool:
+    """True when the datamodule has labels; otherwise says once per callback that ``what`` is skipped."""
+    if getattr(trainer.datamodule, "has_labels", False):
+        return True
+    if not getattr(callback, "_skip_said", False):
+        rank_zero_info(f"{what} skipped: data has no labels")
+        callback._skip_said = True
+    return False

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from src.callbacks.features import extract_features, extract_features_with
+from src.callbacks.features import extract_features, extract_features_with, labels_available
 from src.nn.knn import knn_top1
 from src.nn.linear_probe import train_linear_probe
 
@@ -91,9 +91,8 @@ class FinalEvaluation(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
-        if not getattr(dm, "has_labels", False):
+        if not labels_available(trainer, self, "final evaluation"):
             self.results = {"eval_skipped": "data has no labels"}
-            rank_zero_info("final evaluation skipped: data has no labels")
             return
         ctx, device = trainer.precision_plugin.forward_context, pl_module.device
         train = extract_features(pl_module, dm.eval_train_dataloader(), self.max_train_items, ctx)

@@ -8,9 +8,8 @@ latest value in ``self.metrics["eval/knn_top1"]``. Unlabelled datasets are skipp
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 
-from src.callbacks.features import extract_features
+from src.callbacks.features import extract_features, labels_available
 from src.nn.knn import knn_top1
 
 
@@ -26,16 +25,12 @@ class KNNMonitor(L.Callback):
         self.every_n_epochs, self.k, self.temperature = every_n_epochs, k, temperature
         self.max_train_items, self.max_val_items = max_train_items, max_val_items
         self.metrics: dict[str, float] = {}
-        self._skip_said = False
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
         dm = trainer.datamodule
-        if not getattr(dm, "has_labels", False):
-            if not self._skip_said:
-                rank_zero_info("kNN monitor skipped: data has no labels")
-                self._skip_said = True
+        if not labels_available(trainer, self, "kNN monitor"):
             return
         ctx = trainer.precision_plugin.forward_context
         bank, bank_y = extract_features(pl_module, dm.eval_train_dataloader(), self.max_train_items, ctx)

@@ -13,10 +13,9 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from src.callbacks.features import eval_mode, extract_features
+from src.callbacks.features import eval_mode, extract_features, labels_available
 
 
 class OnlineLinearProbe(L.Callback):
@@ -42,16 +41,10 @@ class OnlineLinearProbe(L.Callback):
         self.optimizer: torch.optim.Optimizer | None = None
         self.metrics: dict[str, float] = {}
         self._pending_state: dict[str, Any] | None = None
-        self._skip_said = False
         self._correct = self._seen = None
 
     def _active(self, trainer: L.Trainer) -> bool:
-        if getattr(trainer.datamodule, "has_labels", False):
-            return True
-        if not self._skip_said:
-            rank_zero_info("online probe skipped: data has no labels")
-            self._skip_said = True
-        return False
+        return labels_available(trainer, self, "online probe")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active(trainer):

@@ -205,9 +205,11 @@ class FolderImages(Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        try:
-            return self.load(path), torch.tensor(label)
-        except (OSError, ValueError, SyntaxError):
-            # Corrupt file: fall back to the next readable sample so a worker never dies mid-epoch.
-            return self[(i + 1) % len(self)]
+        # A corrupt file is replaced by the next readable one, so a worker never dies mid-epoch.
+        for j in range(i, i + min(len(self), 100)):
+            path, label = self.samples[j % len(self)]
+            try:
+                return self.load(path), torch.tensor(label)
+            except (OSError, ValueError, SyntaxError):
+                continue
+        raise UserError(f"100 consecutive unreadable images from {self.samples[i][0]}; check data.root={self.root}")

@@ -25,9 +25,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)  # 2N x D, anchors [view1; view2]
-    z1_all = du.gather_with_grad(F.normalize(z1, dim=1)) if gather else z[:n]
-    z2_all = du.gather_with_grad(F.normalize(z2, dim=1)) if gather else z[n:]
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    z = torch.cat([z1, z2])  # 2N x D, anchors [view1; view2]
+    z1_all = du.gather_with_grad(z1) if gather else z1
+    z2_all = du.gather_with_grad(z2) if gather else z2
     candidates = torch.cat([z1_all, z2_all])  # 2M x D, M = world * N
     m = z1_all.shape[0]
     offset = du.rank() * n if gather else 0

@@ -14,13 +14,13 @@ POSITIVE_KEYS = ("lr", "temperature", "batch_size", "eval_batch_size", "max_epoc
                  "queue_size", "proj_dim", "proj_hidden_dim", "size")
 
 
-def _walk(node, prefix: str = ""):
+def walk_leaves(node, prefix: str = ""):
     """Yield (dotted key, value) for every leaf of a config, without resolving the hydra: node."""
     items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
     for k, v in items:
         key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, DictConfig | ListConfig):
-            yield from _walk(v, key)
+            yield from walk_leaves(v, key)
         else:
             yield key, v
 
@@ -29,7 +29,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     """All problems found in a composed config (empty when it is fine)."""
     problems: list[str] = []
     for top in ("method", "data", "views", "trainer", "backbone"):
-        for key, _ in _walk(cfg[top], top):
+        for key, _ in walk_leaves(cfg[top], top):
             if key.rsplit(".", 1)[-1] not in POSITIVE_KEYS:
                 continue
             try:

@@ -14,7 +14,7 @@ import sys
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from src.utils.checks import config_problems
+from src.utils.checks import config_problems, walk_leaves
 from src.utils.config import compose, config_groups, group_options
 from src.utils.errors import UserError
 
@@ -22,12 +22,10 @@ MAX_COMBINATIONS = 256
 
 
 def _leaf_keys(cfg: DictConfig) -> list[str]:
-    from src.utils.checks import _walk
-
     keys = []
     for top in cfg.keys():
         if top != "hydra" and isinstance(cfg[top], DictConfig):
-            keys += [k for k, _ in _walk(cfg[top], str(top))]
+            keys += [k for k, _ in walk_leaves(cfg[top], str(top))]
             keys += [f"{top}.{k}" for k in cfg[top].keys()]
         else:
             keys.append(str(top))
