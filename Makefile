@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-fast lint clean data
+.PHONY: install train test test-fast lint clean data quality
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ data:
 
 train: $(STAMP)
 	$(PY) -m src.train $(ARGS)
+
+# Benchmark: every method on Fashion-MNIST under one CPU budget -> docs/results.md (hours on 2 cores).
+quality: $(STAMP)
+	$(PY) -m src.bench.quality $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -20,13 +20,19 @@ def tiny_cfg(method: str, *overrides: str):
                    "data.batch_size=16", "data.image_size=16", "data.crop_size=16", "logger=none", "eval=none",
                    "trainer.max_epochs=1", *overrides])
     with open_dict(cfg):
-        for key in ("proj_hidden_dim",):
-            if key in cfg.method:
+        for key in cfg.method:  # heads of 32 units (DINO's 8192-wide, 65536-way ones included)
+            if key.endswith("_dim") and key not in overrides_keys(overrides):
                 cfg.method[key] = 32
-        if "queue_size" in cfg.method:
+        if "num_prototypes" in cfg.method:
+            cfg.method.num_prototypes = 16
+        if cfg.method.get("queue_size"):
             cfg.method.queue_size = 64
         cfg.method.warmup_epochs = 0
     return cfg
+
+
+def overrides_keys(overrides) -> set[str]:
+    return {o.split("=", 1)[0].removeprefix("method.") for o in overrides}
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:

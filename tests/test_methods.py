@@ -1,10 +1,15 @@
-"""Every conf/method/*.yaml composes and trains a few steps on CPU; MoCo's state checkpoints exactly."""
+"""Every conf/method/*.yaml composes and trains a few steps on CPU; EMA targets, state buffers and
+method-specific rules (DINO, SwAV, SimSiam, multi-crop) behave as their papers say."""
 
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
+import torch.nn.functional as F
+from hydra.utils import get_class, instantiate
 
+import src.methods.base as base
+from src.methods.base import SSLMethod, num_global_views, view_pairs
+from src.nn.ema import update_momentum
 from src.utils.config import compose
 from tests.helpers import METHODS, tiny_cfg
 
@@ -50,7 +55,7 @@ def test_loss_decreases_on_a_fixed_batch(name):
     images = torch.stack([dm.pretrain[i][0] for i in range(16)])
     torch.manual_seed(0)
     views = method.views(images)
-    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-3)  # one lr for all loss scales
     state = {n: b.clone() for n, b in method.named_buffers()}  # queues etc. held fixed: same batch, same state
     losses = []
     for _ in range(15):
@@ -73,23 +78,40 @@ def test_moco_variants_follow_the_papers():
     assert compose(["method=moco", "views=none"]).views.crops[0].scale == [1.0, 1.0], "command line views wins"
 
 
-def test_moco_key_encoder_follows_by_ema_and_stays_frozen():
-    cfg = tiny_cfg("moco_v2")
+def _method_class(name):
+    return get_class(compose([f"method={name}"]).method._target_)
+
+
+EMA_METHODS = [m for m in METHODS if _method_class(m).momentum_pairs is not SSLMethod.momentum_pairs]
+STATE_METHODS = ["moco_v2", "nnclr", "dino", "swav"]  # methods whose training state lives in buffers
+
+
+def state_buffers(method):
+    """Buffers that hold method state (queues, centers, pointers), not BatchNorm statistics."""
+    return {n: b for n, b in method.named_buffers()
+            if not any(k in n for k in ("running_", "num_batches_tracked", "views."))}
+
+
+@pytest.mark.parametrize("name", EMA_METHODS)
+def test_ema_targets_follow_and_stay_frozen(name):
+    cfg = tiny_cfg(name)
     L.seed_everything(0)
     method, dm = build(cfg)
-    k0 = [p.clone() for p in method.backbone_k.parameters()]
+    pairs = method.momentum_pairs()
+    start = [[p.clone() for p in target.parameters()] for _, target in pairs]
     fit(method, dm, steps=2)
-    assert all(not p.requires_grad for p in method.backbone_k.parameters())
-    moved = [not torch.equal(a, b) for a, b in zip(k0, method.backbone_k.parameters(), strict=True)]
-    assert any(moved)
-    m = cfg.method.momentum
-    # after one more manual EMA step the key encoder is the documented mix of key and query weights
-    from src.nn.ema import update_momentum
-
-    before = [p.clone() for p in method.backbone_k.parameters()]
-    update_momentum(method.backbone, method.backbone_k, m)
-    for b, q, k in zip(before, method.backbone.parameters(), method.backbone_k.parameters(), strict=True):
-        torch.testing.assert_close(k, m * b + (1 - m) * q)
+    for (_, target), before in zip(pairs, start, strict=True):
+        assert all(not p.requires_grad for p in target.parameters()), "the target must stay frozen"
+        assert all(p.grad is None for p in target.parameters())
+        moved = [not torch.equal(a, b) for a, b in zip(before, target.parameters(), strict=True)]
+        assert any(moved), "the target did not follow the online network"
+    # one more EMA step is exactly the documented mix of target and online weights
+    m = 0.9
+    online, target = pairs[0]
+    before = [p.clone() for p in target.parameters()]
+    update_momentum(online, target, m)
+    for b, o, t in zip(before, online.parameters(), target.parameters(), strict=True):
+        torch.testing.assert_close(t, m * b + (1 - m) * o)
 
 
 def test_ema_updates_once_per_optimizer_step_under_accumulation():
@@ -97,8 +119,6 @@ def test_ema_updates_once_per_optimizer_step_under_accumulation():
     L.seed_everything(0)
     method, dm = build(cfg)
     calls = []
-    import src.methods.base as base
-
     original = base.update_momentum
     base.update_momentum = lambda *a: (calls.append(1), original(*a))
     try:
@@ -108,19 +128,107 @@ def test_ema_updates_once_per_optimizer_step_under_accumulation():
     assert len(calls) == 3 * len(method.momentum_pairs())
 
 
-def test_moco_queue_and_pointer_survive_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("name", STATE_METHODS)
+def test_state_buffers_change_and_survive_a_checkpoint(name, tmp_path):
+    cfg = tiny_cfg(name, *(["method.queue_size=64", "method.queue_start_epoch=0"] if name == "swav" else []))
+    L.seed_everything(0)
+    method, dm = build(cfg)
+    initial = {n: b.clone() for n, b in state_buffers(method).items()}
+    assert initial, f"{name} has no state buffers"
+    trainer = fit(method, dm, steps=3)
+    changed = [n for n, b in state_buffers(method).items() if not torch.equal(b, initial[n])]
+    assert changed, "training did not update the method's state"
+    path = tmp_path / f"{name}.ckpt"
+    trainer.save_checkpoint(path)
+    L.seed_everything(1)
+    fresh, _ = build(cfg)
+    fresh.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    for n, b in state_buffers(method).items():
+        assert torch.equal(state_buffers(fresh)[n], b), n
+
+
+def test_queue_holds_the_latest_keys_in_order():
     cfg = tiny_cfg("moco_v2")
     L.seed_everything(0)
     method, dm = build(cfg)
+    fit(method, dm, steps=3)
+    q = method.queue
+    assert int(q.ptr) == 3 * 16 % 64 and int(q.filled) == 48
+    torch.testing.assert_close(q.features[:48].norm(dim=1), torch.ones(48))  # normalised keys were written
+
+
+def test_dino_freezes_the_last_layer_in_epoch_zero_and_moves_its_center():
+    cfg = tiny_cfg("dino")
+    L.seed_everything(0)
+    method, dm = build(cfg)
+    last = method.head.last_layer.weight_v.clone()
+    mlp = method.head.mlp[0].weight.clone()
+    fit(method, dm, steps=2)
+    assert torch.equal(method.head.last_layer.weight_v, last), "the last layer must not move in epoch 0"
+    assert not torch.equal(method.head.mlp[0].weight, mlp)
+    assert method.center.abs().sum() > 0
+    assert not method.head.last_layer.weight_g.requires_grad  # norm_last_layer: g fixed at 1
+
+
+def test_dino_weight_decay_follows_its_cosine_schedule():
+    cfg = tiny_cfg("dino")
+    L.seed_everything(0)
+    method, dm = build(cfg)
     trainer = fit(method, dm, steps=3)
-    assert int(method.queue_ptr) == 3 * 16 % 64
-    path = tmp_path / "moco.ckpt"
-    trainer.save_checkpoint(path)
-    fresh, _ = build(cfg)
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    fresh.load_state_dict(state)
-    assert torch.equal(fresh.queue, method.queue) and int(fresh.queue_ptr) == int(method.queue_ptr)
-    assert torch.equal(fresh.queue[:48], method.queue[:48]) and not torch.equal(fresh.queue[:16], fresh.queue[16:32])
+    decay, no_decay = trainer.optimizers[0].param_groups
+    assert 0.04 < decay["weight_decay"] <= 0.4 and no_decay["weight_decay"] == 0.0
+
+
+def test_swav_prototypes_are_normalised_and_frozen_at_first():
+    cfg = tiny_cfg("swav", "method.freeze_prototypes_steps=100")
+    L.seed_everything(0)
+    method, dm = build(cfg)
+    start = F.normalize(method.prototypes.weight.detach().clone(), dim=1)
+    fit(method, dm, steps=2)
+    torch.testing.assert_close(method.prototypes.weight.detach(), start)  # only normalised, no gradient step
+    cfg = tiny_cfg("swav", "method.freeze_prototypes_steps=0")
+    L.seed_everything(0)
+    method, dm = build(cfg)
+    fit(method, dm, steps=2)
+    assert not torch.allclose(method.prototypes.weight.detach(), start)
+
+
+def test_simsiam_predictor_keeps_a_fixed_learning_rate():
+    cfg = tiny_cfg("simsiam", "trainer.max_epochs=1")
+    L.seed_everything(0)
+    method, dm = build(cfg)
+    trainer = fit(method, dm, steps=3)
+    groups = trainer.optimizers[0].param_groups
+    fixed = [g for g in groups if g.get("fixed_lr")]
+    others = [g for g in groups if not g.get("fixed_lr")]
+    assert len(fixed) == 2 and {id(p) for g in fixed for p in g["params"]} == {id(p) for p in method.predictor.parameters()}
+    assert all(g["lr"] == method.scaled_lr for g in fixed) and all(g["lr"] < method.scaled_lr for g in others)
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_multicrop_recipe_works_with_two_view_methods(name):
+    cfg = tiny_cfg(name, "views=multicrop")
+    L.seed_everything(0)
+    method, dm = build(cfg)
+    views = method.views(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
+    assert [v.shape[-1] for v in views] == [16, 16] + [7] * 6 and num_global_views(views) == 2
+    out = method.training_loss(views)
+    loss = out[0] if isinstance(out, tuple) else out
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
+def test_embed_runs_the_backbone_once_per_size_and_the_head_once():
+    cfg = tiny_cfg("dino")
+    method, _ = build(cfg)
+    calls = []
+    method.backbone.register_forward_hook(lambda m, i, o: calls.append(("backbone", i[0].shape[0])))
+    method.head.register_forward_hook(lambda m, i, o: calls.append(("head", i[0].shape[0])))
+    views = [torch.randn(4, 3, 16, 16)] * 2 + [torch.randn(4, 3, 7, 7)] * 3
+    out = method.embed(views, head=method.head)
+    assert calls == [("backbone", 8), ("backbone", 12), ("head", 20)]
+    assert len(out) == 5 and all(o.shape == (4, 32) for o in out)
+    assert view_pairs(2, 4) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
 
 
 def test_param_groups_exclude_norms_and_biases_from_weight_decay():

@@ -3,8 +3,12 @@
 A subclass writes ``training_loss(views) -> loss`` or ``(loss, {name: value})`` and, if it has a
 teacher, ``momentum_pairs() -> [(online, target), ...]``. The base turns raw uint8 batches into views
 on the device, logs, builds the optimizer (no weight decay on norms and biases, LR scaled by the
-effective batch), steps a warm-up + cosine schedule per optimizer step and updates EMA targets once
-per optimizer step (so gradient accumulation is safe).
+effective batch), steps a warm-up + cosine schedule per optimizer step (and an optional cosine weight
+decay schedule) and updates EMA targets once per optimizer step (so gradient accumulation is safe).
+
+Multi-crop: ``views`` may hold views of several sizes (the recipe's groups in order). The leading views
+with the size of the first one are the global views; :meth:`embed` runs the backbone once per run of
+equal-sized views and the head once over all of them; :func:`view_pairs` lists which views to compare.
 """
 
 from __future__ import annotations
@@ -22,6 +26,29 @@ from src.nn.schedules import cosine_schedule, warmup_cosine
 from src.utils.errors import UserError
 
 
+def num_global_views(views: list[torch.Tensor]) -> int:
+    """How many leading views have the size of the first one (the global crops of a multi-crop recipe)."""
+    n = 1
+    while n < len(views) and views[n].shape[-2:] == views[0].shape[-2:]:
+        n += 1
+    return n
+
+
+def view_pairs(num_global: int, num_views: int) -> list[tuple[int, int]]:
+    """(target view, predicting view) pairs: every global view against every other view, never itself."""
+    return [(t, s) for t in range(num_global) for s in range(num_views) if s != t]
+
+
+def decay_groups(params, **options) -> list[dict]:
+    """Two optimizer groups of the trainable ``params``: weights, and biases/norms (ndim <= 1) without
+    weight decay or LARS adaptation. ``options`` are added to both (e.g. ``fixed_lr=True``)."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, **options}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **options}]
+
+
 class NonFiniteLossError(UserError):
     """Raised when the loss is NaN/inf; the last good checkpoint stays untouched."""
 
@@ -30,7 +57,7 @@ class SSLMethod(L.LightningModule):
     def __init__(self, backbone: nn.Module, views: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  warmup_epochs: float = 10, min_lr_ratio: float = 0.0, lr_scaling: str = "linear",
                  reference_batch_size: int = 256, momentum: float = 0.996, momentum_end: float | None = None,
-                 channels_last: bool = False):
+                 weight_decay_end: float | None = None, channels_last: bool = False):
         super().__init__()
         if lr_scaling not in {"linear", "sqrt", "none"}:
             raise UserError(f"method.lr_scaling={lr_scaling!r}; allowed: linear, sqrt, none")
@@ -47,11 +74,32 @@ class SSLMethod(L.LightningModule):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return []
 
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradient is dropped at this step (DINO's last layer in epoch 0, SwAV's
+        prototypes in the first iterations); they still take part in the forward pass."""
+        return []
+
     # ---- features (what evaluation reads) ---------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
+
+    def embed(self, views: list[torch.Tensor], head: nn.Module | None = None,
+              backbone: nn.Module | None = None) -> list[torch.Tensor]:
+        """Per-view outputs of ``head(backbone(view))``. Consecutive views of one size go through the
+        backbone as one batch; the head (with its BatchNorm) sees all views at once."""
+        backbone = backbone if backbone is not None else self.forward
+        feats, i = [], 0
+        while i < len(views):
+            j = i + 1
+            while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
+                j += 1
+            feats.append(backbone(torch.cat(views[i:j])))  # (j - i) N x D
+            i = j
+        out = torch.cat(feats)
+        out = head(out) if head is not None else out
+        return list(out.chunk(len(views)))
 
     # ---- views on the device --------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -82,6 +130,20 @@ class SSLMethod(L.LightningModule):
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Cosine weight-decay schedule (DINO): ``weight_decay`` -> ``weight_decay_end`` over training."""
+        end = self.hparams.weight_decay_end
+        if end is None:
+            return
+        for group in self.trainer.optimizers[0].param_groups:
+            if group.get("wd_schedule"):
+                group["weight_decay"] = cosine_schedule(self.trainer.global_step, self.trainer.estimated_stepping_batches,
+                                                        group["wd_start"], end)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for p in self.frozen_parameters():
+            p.grad = None
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """EMA once per optimizer step: global_step only moves when the optimizer stepped."""
         pairs = self.momentum_pairs()
@@ -103,12 +165,19 @@ class SSLMethod(L.LightningModule):
     # ---- optimizer ------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         """Weight decay on weights only: biases and norm parameters (ndim <= 1) get none (and no LARS
-        adaptation). Subclasses may add groups (e.g. a fixed-LR predictor)."""
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+        adaptation). Subclasses may split further with :func:`decay_groups` (e.g. a fixed-LR predictor)."""
+        return decay_groups(self.parameters())
+
+    def warmup_steps(self, epochs: float, what: str) -> int:
+        """``epochs`` of warm-up in optimizer steps, capped at half the run (e.g. the paper's 10 warm-up
+        epochs in a 5-epoch CPU run), with a logged line when capped."""
+        total = int(self.trainer.estimated_stepping_batches)
+        steps = int(epochs * max(total // max(self.trainer.max_epochs, 1), 1))
+        if steps > total // 2:
+            rank_zero_info(f"{what} of {epochs} epochs is more than half of this {self.trainer.max_epochs}-epoch "
+                           f"run; using {total // 2} steps instead")
+            steps = total // 2
+        return steps
 
     def effective_batch_size(self) -> int:
         t = self.trainer
@@ -116,24 +185,26 @@ class SSLMethod(L.LightningModule):
 
     def configure_optimizers(self):
         base_lr = self.optimizer_factory.keywords["lr"]
+        wd = self.optimizer_factory.keywords.get("weight_decay", 0.0)
         batch = self.effective_batch_size()
         ratio = batch / self.hparams.reference_batch_size
         scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.hparams.lr_scaling]
         lr = base_lr * scale
-        optimizer = self.optimizer_factory(self.param_groups(), lr=lr)
+        groups = self.param_groups()
+        for group in groups:  # groups without their own weight decay follow the schedule
+            if "weight_decay" not in group and self.hparams.weight_decay_end is not None:
+                group.update(wd_schedule=True, wd_start=wd)
+        optimizer = self.optimizer_factory(groups, lr=lr)
         total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
-        warmup = int(self.hparams.warmup_epochs * steps_per_epoch)
-        if warmup > total // 2:  # e.g. the paper's 10 warm-up epochs in a 5-epoch CPU run
-            rank_zero_info(f"warm-up of {self.hparams.warmup_epochs} epochs is more than half of this "
-                           f"{self.trainer.max_epochs}-epoch run; warming up over {total // 2} steps instead")
-            warmup = total // 2
+        warmup = self.warmup_steps(self.hparams.warmup_epochs, "warm-up")
         rank_zero_info(f"effective batch {batch}: lr = {base_lr} x {scale:.4g} ({self.hparams.lr_scaling} "
                        f"scaling, reference {self.hparams.reference_batch_size}) = {lr:.4g}; "
                        f"{total} steps, {warmup} warm-up")
         self.scaled_lr = lr
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, total, warmup, self.hparams.min_lr_ratio))
+        min_ratio = self.hparams.min_lr_ratio
+        lambdas = [(lambda s: 1.0) if g.get("fixed_lr") else (lambda s: warmup_cosine(s, total, warmup, min_ratio))
+                   for g in optimizer.param_groups]  # fixed_lr: e.g. SimSiam's predictor
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- config rules checked before training -----------------------------------------------------

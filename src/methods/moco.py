@@ -14,6 +14,7 @@ from src.methods.base import SSLMethod
 from src.nn.ema import frozen_copy
 from src.nn.heads import MLP
 from src.nn.losses import info_nce
+from src.nn.queue import FeatureQueue, queue_size_problems
 from src.utils import distributed as du
 from src.utils.errors import UserError
 
@@ -30,17 +31,12 @@ class MoCo(SSLMethod):
         self.temperature, self.shuffle_bn = temperature, shuffle_bn
         self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim, num_layers=2 if mlp_head else 1)
         self.backbone_k, self.projector_k = frozen_copy(self.backbone), frozen_copy(self.projector)
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))  # K x C
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.queue = FeatureQueue(queue_size, proj_dim)  # K x C negatives
 
     @classmethod
     def config_problems(cls, method_cfg, global_batch: int, num_views: int) -> list[str]:
-        problems = super().config_problems(method_cfg, global_batch, num_views)
-        k = method_cfg.get("queue_size", 65536)
-        if isinstance(k, int) and k > 0 and k % global_batch:
-            problems.append(f"method.queue_size={k} must be a multiple of the global batch {global_batch} "
-                            f"(data.batch_size x devices); e.g. method.queue_size={max(k // global_batch, 1) * global_batch}")
-        return problems
+        return (super().config_problems(method_cfg, global_batch, num_views)
+                + queue_size_problems(method_cfg, global_batch, default=65536))
 
     def momentum_pairs(self):
         return [(self.backbone, self.backbone_k), (self.projector, self.projector_k)]
@@ -55,16 +51,6 @@ class MoCo(SSLMethod):
             if self.shuffle_bn:
                 k = du.batch_unshuffle(k, undo)
             k = F.normalize(k.float(), dim=1)
-        loss = info_nce(q.float(), k, self.queue.clone(), self.temperature)
-        self.enqueue(k)
+        loss = info_nce(q.float(), k, self.queue.features.clone(), self.temperature)
+        self.queue.push(k)  # the keys of all processes, rank order
         return loss
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write the keys of all processes (rank order) over the oldest entries of the queue."""
-        keys = du.gather(keys)  # (world * N) x C
-        n, size = keys.shape[0], self.queue.shape[0]
-        assert size % n == 0, f"queue_size {size} must be a multiple of the global batch {n}"  # for simplicity
-        ptr = int(self.queue_ptr)
-        self.queue[ptr : ptr + n] = keys
-        self.queue_ptr.fill_((ptr + n) % size)

@@ -1,10 +1,12 @@
-"""SimCLR (Chen et al. 2020): two views, an MLP projector, NT-Xent with negatives from all processes."""
+"""SimCLR (Chen et al. 2020): two views, an MLP projector, NT-Xent with negatives from all processes.
+
+With a multi-crop recipe (views=multicrop) the loss is the mean NT-Xent over every pair of a global view
+with another view (each pair once).
+"""
 
 from __future__ import annotations
 
-import torch
-
-from src.methods.base import SSLMethod
+from src.methods.base import SSLMethod, num_global_views, view_pairs
 from src.nn.heads import MLP
 from src.nn.losses import nt_xent
 from src.utils.errors import UserError
@@ -20,7 +22,7 @@ class SimCLR(SSLMethod):
         self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim, num_layers=proj_layers)
 
     def training_loss(self, views):
-        x1, x2 = views[:2]  # N x C x H x W each
-        z = self.projector(self.forward(torch.cat([x1, x2])))  # 2N x D: one pass, BatchNorm over both views
-        z1, z2 = z.chunk(2)
-        return nt_xent(z1, z2, self.temperature, gather=True)
+        z = self.embed(views, head=self.projector)  # V x (N x D): one pass per size, BatchNorm over all views
+        n_global = num_global_views(views)
+        pairs = [(t, s) for t, s in view_pairs(n_global, len(views)) if s > t or s >= n_global]  # each pair once
+        return sum(nt_xent(z[t], z[s], self.temperature, gather=True) for t, s in pairs) / len(pairs)

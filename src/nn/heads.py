@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
 
 
 class MLP(nn.Sequential):
-    """``num_layers`` linear layers; hidden ones followed by BatchNorm (optional) and ReLU.
+    """``num_layers`` linear layers; hidden ones followed by BatchNorm (optional) and ReLU (or GELU).
 
     ``num_layers=1`` is the linear head of MoCo v1; 2 is SimCLR's / MoCo v2's MLP head;
-    ``last_bn`` adds a BatchNorm without affine on the output (SimSiam, Barlow Twins).
+    ``last_bn`` adds a BatchNorm without affine on the output (SimSiam, MoCo v3, NNCLR).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
-                 batch_norm: bool = True, last_bn: bool = False):
+                 batch_norm: bool = True, last_bn: bool = False, activation: str = "relu"):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         layers: list[nn.Module] = []
@@ -21,9 +25,46 @@ class MLP(nn.Sequential):
         for _ in range(num_layers - 1):
             layers += [nn.Linear(dim, hidden_dim, bias=not batch_norm)]
             layers += [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
-            layers += [nn.ReLU(inplace=True)]
+            layers += [ACTIVATIONS[activation]()]
             dim = hidden_dim
         layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
+
+
+class NormalizedLinear(nn.Module):
+    """Weight-normalised linear layer without bias, W = g * V / ||V|| row-wise (Salimans & Kingma 2016).
+
+    ``learn_norm=False`` fixes g = 1 (DINO's ``norm_last_layer``, which the paper finds stabilises training).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, learn_norm: bool = False):
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_dim), requires_grad=learn_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_g.unsqueeze(1) * F.normalize(self.weight_v, dim=1)  # K x D
+        return F.linear(x, w)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, sec. 3.1): an MLP (GELU, no BatchNorm by default) to
+    a bottleneck, L2 normalisation, then a weight-normalised linear layer to ``out_dim`` logits."""
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3, batch_norm: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden_dim, bottleneck_dim, num_layers=num_layers, batch_norm=batch_norm,
+                       activation="gelu")
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.last_layer = NormalizedLinear(bottleneck_dim, out_dim, learn_norm=not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=1))

@@ -12,6 +12,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("lt"):
         OmegaConf.register_new_resolver("lt", lambda a, b: a < b)  # e.g. cifar_stem: ${lt:${data.crop_size},100}
+    if not OmegaConf.has_resolver("scale_int"):  # e.g. a local crop 96/224 of the global one
+        OmegaConf.register_new_resolver("scale_int", lambda a, f: max(1, round(a * f)))
 
 
 _register_resolvers()

@@ -84,3 +84,23 @@ def batch_unshuffle(x: torch.Tensor, undo: torch.Tensor) -> torch.Tensor:
     x_all = gather(x)
     mine = undo.view(dist.get_world_size(), local)[dist.get_rank()]
     return x_all[mine]
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over all processes, as a new tensor (``x`` itself at world size 1)."""
+    if not is_distributed():
+        return x
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+@torch.no_grad()
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``x`` over all processes, as a new tensor (``x`` itself at world size 1)."""
+    if not is_distributed():
+        return x
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out

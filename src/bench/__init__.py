@@ -1,0 +1,1 @@
+"""Benchmarks run as programs (`python -m src.bench.<name>`), not as tests."""

@@ -1,0 +1,21 @@
+"""Barlow Twins (Zbontar et al. 2021): the cross-correlation of the two views' batch-standardised
+embeddings is pushed to the identity; lambda weighs the off-diagonal (redundancy reduction) term.
+The correlation is computed over the global batch (embeddings gathered with gradient)."""
+
+from __future__ import annotations
+
+from src.methods.base import SSLMethod
+from src.nn.heads import MLP
+from src.nn.losses import barlow_twins_loss
+
+
+class BarlowTwins(SSLMethod):
+    def __init__(self, backbone, views, optimizer, lambd: float = 5e-3, proj_hidden_dim: int = 8192,
+                 proj_dim: int = 8192, proj_layers: int = 3, loss_scale: float = 1.0, **kwargs):
+        super().__init__(backbone, views, optimizer, **kwargs)
+        self.lambd, self.loss_scale = lambd, loss_scale
+        self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim, num_layers=proj_layers)
+
+    def training_loss(self, views):
+        z1, z2 = self.embed(views[:2], head=self.projector)  # N x D each
+        return self.loss_scale * barlow_twins_loss(z1, z2, self.lambd, gather=True)

@@ -1,0 +1,72 @@
+"""DINO (Caron et al. 2021): self-distillation with no labels. A student matches the sharpened, centred
+output distribution of an EMA teacher across views (Algorithm 1).
+
+The student sees every view of the multi-crop recipe, the teacher only the global ones; a teacher view
+is never compared with the same student view. The center is a buffer updated with the teacher outputs of
+all processes; the teacher temperature warms up linearly; the teacher momentum rises by cosine to 1; the
+weight-normalised last layer of the head gets no gradient during the first ``freeze_last_layer_epochs``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from src.methods.base import SSLMethod, num_global_views
+from src.nn.ema import frozen_copy
+from src.nn.heads import DINOHead
+from src.nn.losses import dino_loss
+from src.utils import distributed as du
+
+
+class DINO(SSLMethod):
+    def __init__(self, backbone, views, optimizer, out_dim: int = 65536, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, head_layers: int = 3, head_batch_norm: bool = False,
+                 norm_last_layer: bool = True, freeze_last_layer_epochs: float = 1, student_temp: float = 0.1,
+                 teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
+                 warmup_teacher_temp_epochs: float = 0, center_momentum: float = 0.9, clip_grad: float | None = 3.0,
+                 momentum: float = 0.996, momentum_end: float = 1.0, **kwargs):
+        super().__init__(backbone, views, optimizer, momentum=momentum, momentum_end=momentum_end, **kwargs)
+        self.head = DINOHead(backbone.out_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, head_batch_norm,
+                             norm_last_layer)
+        self.backbone_t, self.head_t = frozen_copy(self.backbone), frozen_copy(self.head)
+        self.register_buffer("center", torch.zeros(1, out_dim))  # 1 x K
+
+    def momentum_pairs(self):
+        return [(self.backbone, self.backbone_t), (self.head, self.head_t)]
+
+    def frozen_parameters(self):
+        return list(self.head.last_layer.parameters()) if self.current_epoch < self.hparams.freeze_last_layer_epochs else []
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        if self.hparams.clip_grad:  # per-tensor norm clipping, as in the paper's code
+            for p in self.parameters():
+                if p.grad is not None:
+                    torch.nn.utils.clip_grad_norm_(p, self.hparams.clip_grad)
+
+    def teacher_temperature(self) -> float:
+        """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp``, then constant."""
+        h = self.hparams
+        if self._trainer is None or h.warmup_teacher_temp_epochs <= 0:
+            return h.teacher_temp
+        if not hasattr(self, "_teacher_warmup"):
+            self._teacher_warmup = self.warmup_steps(h.warmup_teacher_temp_epochs, "teacher temperature warm-up")
+        progress = min(self.trainer.global_step / max(self._teacher_warmup, 1), 1.0)
+        return h.warmup_teacher_temp + progress * (h.teacher_temp - h.warmup_teacher_temp)
+
+    def training_loss(self, views):
+        n_global = num_global_views(views)
+        student = self.embed(views, head=self.head)  # V x (N x K)
+        with torch.no_grad():
+            teacher = self.embed(views[:n_global], head=self.head_t, backbone=self.backbone_t)  # G x (N x K)
+        temp = self.teacher_temperature()
+        loss = dino_loss(student, teacher, self.center, self.hparams.student_temp, temp)
+        self.update_center(torch.cat(teacher))
+        return loss, {"teacher_temp": torch.tensor(temp)}
+
+    @torch.no_grad()
+    def update_center(self, teacher: torch.Tensor) -> None:
+        """center <- m * center + (1 - m) * mean of the teacher outputs over the global batch."""
+        count = teacher.shape[0] * du.world_size()
+        batch_center = du.all_reduce_sum(teacher.float().sum(dim=0, keepdim=True)) / count  # 1 x K
+        self.center.mul_(self.hparams.center_momentum).add_(batch_center, alpha=1 - self.hparams.center_momentum)

@@ -1,0 +1,67 @@
+"""SwAV (Caron et al. 2020): swapped prediction of online cluster assignments. The codes of each global
+crop, computed by Sinkhorn-Knopp over the batch of all processes (and an optional queue), are predicted
+from every other crop of the multi-crop recipe (eq. 1-3).
+
+The prototypes are L2-normalised before every step and get no gradient during the first
+``freeze_prototypes_steps`` optimizer steps. The queue (per process, as in the paper's code) holds the
+latest embeddings of the global crops and joins the Sinkhorn problem from ``queue_start_epoch`` on,
+once full.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.methods.base import SSLMethod, num_global_views
+from src.nn.heads import MLP
+from src.nn.losses import swav_loss
+from src.utils.errors import UserError
+
+
+class SwAV(SSLMethod):
+    def __init__(self, backbone, views, optimizer, proj_hidden_dim: int = 2048, proj_dim: int = 128,
+                 num_prototypes: int = 3000, temperature: float = 0.1, sinkhorn_iterations: int = 3,
+                 epsilon: float = 0.05, queue_size: int = 0, queue_start_epoch: int = 15,
+                 freeze_prototypes_steps: int = 313, **kwargs):
+        super().__init__(backbone, views, optimizer, **kwargs)
+        if queue_size < 0:
+            raise UserError(f"method.queue_size={queue_size} must be >= 0 (0 turns the queue off)")
+        self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim)
+        self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)
+        self.register_buffer("queue", torch.zeros(2, queue_size, proj_dim))  # global crop x Q x D
+
+    def frozen_parameters(self):
+        return [self.prototypes.weight] if self.global_step < self.hparams.freeze_prototypes_steps else []
+
+    def use_queue(self) -> bool:
+        return (self.queue.shape[1] > 0 and self.current_epoch >= self.hparams.queue_start_epoch
+                and bool(self.queue[:, -1].abs().sum(dim=1).gt(0).all()))
+
+    def training_loss(self, views):
+        with torch.no_grad():
+            self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+        n_global = num_global_views(views)
+        z = [F.normalize(x, dim=1) for x in self.embed(views, head=self.projector)]  # V x (N x D)
+        scores = list(self.prototypes(torch.cat(z)).chunk(len(views)))  # V x (N x K)
+        h = self.hparams
+        queue_scores = None
+        if self.queue.shape[1] > 0:
+            if n_global != self.queue.shape[0]:
+                raise UserError(f"SwAV's queue holds 2 global crops but the views give {n_global}; "
+                                "use views=multicrop or method.queue_size=0")
+            if self.use_queue():
+                queue_scores = [self.prototypes(q) for q in self.queue]  # G x (Q x K)
+            self.enqueue(z[:n_global])
+        loss = swav_loss(scores[:n_global], scores[n_global:], h.temperature, h.sinkhorn_iterations, h.epsilon,
+                         queue_scores=queue_scores)
+        return loss
+
+    @torch.no_grad()
+    def enqueue(self, z_global: list[torch.Tensor]) -> None:
+        """Shift each global crop's queue by N rows and put this batch's embeddings in front."""
+        n = z_global[0].shape[0]
+        for i, z in enumerate(z_global):
+            self.queue[i, n:] = self.queue[i, :-n].clone()
+            self.queue[i, :n] = z.detach()[: self.queue.shape[1]]

@@ -1,0 +1,23 @@
+"""VICReg (Bardes, Ponce & LeCun 2022): invariance (MSE between the views' embeddings), variance (hinge
+on each dimension's std) and covariance (off-diagonal covariance squared) terms, computed over the
+global batch (embeddings gathered with gradient)."""
+
+from __future__ import annotations
+
+from src.methods.base import SSLMethod
+from src.nn.heads import MLP
+from src.nn.losses import vicreg_terms
+
+
+class VICReg(SSLMethod):
+    def __init__(self, backbone, views, optimizer, sim_weight: float = 25.0, var_weight: float = 25.0,
+                 cov_weight: float = 1.0, proj_hidden_dim: int = 8192, proj_dim: int = 8192,
+                 proj_layers: int = 3, **kwargs):
+        super().__init__(backbone, views, optimizer, **kwargs)
+        self.weights = {"invariance": sim_weight, "variance": var_weight, "covariance": cov_weight}
+        self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim, num_layers=proj_layers)
+
+    def training_loss(self, views):
+        z1, z2 = self.embed(views[:2], head=self.projector)  # N x D each
+        terms = vicreg_terms(z1, z2, gather=True)
+        return sum(self.weights[k] * v for k, v in terms.items()), terms

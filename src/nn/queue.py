@@ -1,0 +1,48 @@
+"""A FIFO of feature vectors held in buffers (MoCo's negatives, NNCLR's support set), so it
+checkpoints, moves with the module and resumes exactly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.utils import distributed as du
+
+
+class FeatureQueue(nn.Module):
+    """``size`` x ``dim`` features, initialised to random unit vectors; ``push`` writes the rows of every
+    process (rank order) over the oldest ones. ``filled`` counts rows written so far (capped at size)."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))  # K x D
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.features.shape[0]
+
+    def written(self) -> torch.Tensor:
+        """The rows written so far (all rows once the queue has wrapped)."""
+        return self.features[: int(self.filled)]
+
+    @torch.no_grad()
+    def push(self, x: torch.Tensor) -> None:
+        x = du.gather(x)  # (world * N) x D
+        n = x.shape[0]
+        assert self.size % n == 0, f"queue size {self.size} must be a multiple of the global batch {n}"  # for simplicity
+        ptr = int(self.ptr)
+        self.features[ptr : ptr + n] = x.to(self.features.dtype)
+        self.ptr.fill_((ptr + n) % self.size)
+        self.filled.fill_(min(int(self.filled) + n, self.size))
+
+
+def queue_size_problems(method_cfg, global_batch: int, default: int) -> list[str]:
+    """The config rule of every queue: its size is a multiple of the global batch."""
+    k = method_cfg.get("queue_size", default)
+    if isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % global_batch:
+        return [f"method.queue_size={k} must be a multiple of the global batch {global_batch} "
+                f"(data.batch_size x devices); e.g. method.queue_size={max(k // global_batch, 1) * global_batch}"]
+    return []

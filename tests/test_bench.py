@@ -1,0 +1,48 @@
+"""The quality benchmark's bookkeeping (no training here): method list, commands, the results page."""
+
+from pathlib import Path
+
+from src.bench import quality as q
+
+RESULTS = {"knn_top1": 80.0, "linear_top1": 85.0, "random_knn_top1": 67.5, "random_linear_top1": 81.5,
+           "train_images_per_s": 140.0, "wall_time_s": 600.0, "eval_train_items": 10000,
+           "eval_val_items": 10000, "eval_val_split": "test"}
+BASELINE = {"knn_top1": 77.92, "k": 200, "temperature": 0.07, "bank": 10000, "queries": 10000, "mean": [0.286],
+            "std": [0.353], "euclid_top1": 85.54, "euclid_k": 5, "euclid_train": 60000, "euclid_queries": 10000}
+META = {"epochs": 10, "train_samples": 10240, "seed": 0, "command": "python -m src.bench.quality",
+        "date": "2026-01-01 00:00 UTC", "commit": "abc", "machine": "2 CPU cores"}
+
+
+def test_methods_and_command():
+    methods = q.default_methods()
+    assert "moco" not in methods and {"simclr", "moco_v1", "moco_v2"} <= set(methods)
+    cmd = q.run_command("simclr", Path("/tmp/o"), 3, 512, 1, ["eval.final.linear_epochs=5"])
+    assert cmd[1:3] == ["-m", "src.train"] and "hydra.run.dir=/tmp/o/simclr" in cmd
+    assert cmd[-1] == "eval.final.linear_epochs=5"
+    assert q.overrides_of(cmd) == ["method=simclr", "data=fashion_mnist", "backbone=convnet",
+                                   "trainer.max_epochs=3", "data.max_train_samples=512", "seed=1",
+                                   "logger=csv", "eval.final.linear_epochs=5"]
+
+
+def test_last_error_line():
+    log = "Traceback (most recent call last):\n  File x\nRuntimeError: boom\nEpoch 0\r\n"
+    assert q.last_error_line(log) == "RuntimeError: boom"
+    assert q.last_error_line("noise\nerror: unknown method 'x'\nmore\n") == "error: unknown method 'x'"
+
+
+def test_page_marks_failures_and_keeps_notes():
+    ok = q.MethodRun("simclr", ["method=simclr"], results=RESULTS, optimizer="LARS (lr 0.3)", views="simclr")
+    bad = q.MethodRun("byol", ["method=byol"], error="exit 1: RuntimeError: a | b")
+    page = q.render_markdown([ok, bad], BASELINE, META)
+    assert "| simclr | 80.00 | 85.00 | 67.50 | 81.50 | yes | yes (+2.08) | 140 | 600 |" in page
+    assert "| byol | **failed**: exit 1: RuntimeError: a \\| b |" in page
+    assert "85.54" in page and "77.92" in page
+    assert page.rstrip().endswith(q.NOTES_PLACEHOLDER)
+    assert q.existing_notes(page) == ""
+
+    edited = page + "\nByol failed because of X.\n\n### More\n- y\n"
+    notes = q.existing_notes(edited)
+    assert notes == "Byol failed because of X.\n\n### More\n- y"
+    again = q.render_markdown([ok], BASELINE, META, notes)
+    assert again.count(q.NOTES_HEADING) == 1 and again.count(q.NOTES_PLACEHOLDER) == 1
+    assert q.existing_notes(again) == notes
