@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from hydra.utils import instantiate
 from torch import nn
 
+from src.nn.losses import sinkhorn
 from src.utils import distributed as du
 from tests.helpers import tiny_cfg
 
@@ -28,28 +29,63 @@ class LinearBackbone(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def make_simclr():
+def strip_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm by the identity: per-rank batch statistics differ from global ones, so
+    the compared functions must not contain BatchNorm (SyncBatchNorm covers that on GPUs)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.Identity())
+        else:
+            strip_batchnorm(child)
+    return module
+
+
+def make(name: str, *overrides: str):
     torch.manual_seed(0)
-    cfg = tiny_cfg("simclr", "method.proj_layers=1", "data.image_size=4", "data.crop_size=4")
-    return instantiate(cfg.method, backbone=LinearBackbone(), views=instantiate(cfg.views))
+    cfg = tiny_cfg(name, "data.image_size=4", "data.crop_size=4", *overrides)
+    return strip_batchnorm(instantiate(cfg.method, backbone=LinearBackbone(), views=instantiate(cfg.views)))
 
 
-def make_moco():
-    torch.manual_seed(0)
-    cfg = tiny_cfg("moco_v1", "data.image_size=4", "data.crop_size=4")
-    return instantiate(cfg.method, backbone=LinearBackbone(), views=instantiate(cfg.views))
+# methods whose loss and gradients must not depend on how the global batch is split over processes
+COMPARED = {
+    "simclr": lambda: make("simclr", "method.proj_layers=1"),
+    "moco_v3": lambda: make("moco_v3"),
+    "barlow_twins": lambda: make("barlow_twins"),
+    "vicreg": lambda: make("vicreg"),
+    "swav": lambda: make("swav"),
+    "dino": lambda: make("dino"),
+    "nnclr": lambda: make("nnclr", "method.queue_size=16"),
+}
 
 
-def global_views():
-    g = torch.Generator().manual_seed(1)
+def global_views(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
     return [torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=g) for _ in range(2)]
 
 
-def simclr_step(model, views):
-    loss = model.training_loss(views)
+def loss_and_grads(model, views):
+    out = model.training_loss(views)
+    loss = out[0] if isinstance(out, tuple) else out
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
+
+
+def run_steps(model, views_per_step):
+    """Loss and gradients of each step (no optimizer: the state buffers carry over between steps)."""
+    out = []
+    for views in views_per_step:
+        model.zero_grad()
+        out.append(loss_and_grads(model, views))
+    return out
+
+
+def local_slice(views, rank, world):
+    n = GLOBAL_BATCH // world
+    return [v[rank * n : (rank + 1) * n] for v in views]
+
+
+STEPS = [global_views(1), global_views(2)]
 
 
 def _free_port():
@@ -64,22 +100,30 @@ def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     try:
         n = GLOBAL_BATCH // world
-        local = [v[rank * n : (rank + 1) * n] for v in global_views()]
 
-        # SimCLR: local loss with negatives gathered from both ranks; DDP would average the gradients
-        model = make_simclr()
-        loss, grads = simclr_step(model, local)
-        dist.all_reduce(loss)
-        for g in grads.values():
-            dist.all_reduce(g)
-        result = {"simclr_loss": loss / world, "simclr_grads": {k: g / world for k, g in grads.items()}}
+        # every compared method: local losses with whatever the method gathers; DDP averages gradients
+        result = {}
+        for name, factory in COMPARED.items():
+            model = factory()
+            steps = run_steps(model, [local_slice(v, rank, world) for v in STEPS])
+            for loss, grads in steps:
+                dist.all_reduce(loss)
+                for g in grads.values():
+                    dist.all_reduce(g)
+            result[name] = [(loss / world, {k: g / world for k, g in grads.items()}) for loss, grads in steps]
+            result[name + "_state"] = {k: b.clone() for k, b in model.named_buffers()}
+
+        # SwAV's codes: Sinkhorn over the global batch, each rank keeping its own rows
+        scores = torch.randn(GLOBAL_BATCH, 5, generator=torch.Generator().manual_seed(3))
+        n = GLOBAL_BATCH // world
+        result["codes"] = sinkhorn(scores[rank * n : (rank + 1) * n], epsilon=0.1, iterations=3)
 
         # MoCo: the queue receives the keys of both ranks, in rank order, on every rank
-        moco = make_moco()
-        keys = torch.full((n, moco.queue.shape[1]), float(rank + 1))
-        moco.enqueue(keys)
-        result["queue_head"] = moco.queue[: GLOBAL_BATCH].clone()
-        result["queue_ptr"] = int(moco.queue_ptr)
+        moco = make("moco_v1")
+        keys = torch.full((n, moco.queue.features.shape[1]), float(rank + 1))
+        moco.queue.push(keys)
+        result["queue_head"] = moco.queue.features[:GLOBAL_BATCH].clone()
+        result["queue_ptr"] = int(moco.queue.ptr)
 
         # shuffled BatchNorm: shuffle then unshuffle of the identity returns this rank's own rows
         x = torch.arange(n, dtype=torch.float32).unsqueeze(1) + 100 * rank
@@ -98,13 +142,32 @@ def two_ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def test_simclr_loss_and_gradients_match_one_process(two_ranks):
-    loss, grads = simclr_step(make_simclr(), global_views())
+@pytest.mark.parametrize("name", COMPARED)
+def test_loss_and_gradients_match_one_process(two_ranks, name):
+    model = COMPARED[name]()
+    reference = run_steps(model, STEPS)
     for r in two_ranks:
-        torch.testing.assert_close(r["simclr_loss"], loss, rtol=1e-5, atol=1e-6)
-        assert r["simclr_grads"].keys() == grads.keys()
-        for k in grads:
-            torch.testing.assert_close(r["simclr_grads"][k], grads[k], rtol=1e-4, atol=1e-6)
+        for (loss, grads), (ref_loss, ref_grads) in zip(r[name], reference, strict=True):
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+            assert grads.keys() == ref_grads.keys() and grads
+            # float32 rounding relative to the gradients' scale (e.g. Barlow Twins' last bias has an
+            # analytically zero gradient that both sides compute as ~1e-6 noise)
+            atol = 1e-6 * max(1.0, max(float(g.abs().max()) for g in ref_grads.values()))
+            for k in grads:
+                torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=atol,
+                                           msg=lambda m, k=k: f"{name}: {k}: {m}")
+    # state after the steps (NNCLR's support set, DINO's center, queues) agrees across ranks and with one process
+    state = dict(model.named_buffers())
+    for r in two_ranks:
+        assert r[name + "_state"].keys() == state.keys()
+        for k, b in state.items():
+            torch.testing.assert_close(r[name + "_state"][k], b, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{name}: {k}: {m}")
+
+
+def test_swav_codes_use_the_global_batch(two_ranks):
+    scores = torch.randn(GLOBAL_BATCH, 5, generator=torch.Generator().manual_seed(3))
+    codes = sinkhorn(scores, epsilon=0.1, iterations=3)
+    torch.testing.assert_close(torch.cat([r["codes"] for r in two_ranks]), codes, rtol=1e-5, atol=1e-7)
 
 
 def test_moco_queue_receives_keys_from_both_processes(two_ranks):
