@@ -42,7 +42,7 @@ def test_multirun_writes_one_result_per_job(tmp_path):
 
 
 BAD_INPUTS = {
-    "unknown method": (["method=mocoo"], "unknown method 'mocoo'; available: moco, moco_v1, moco_v2, simclr"),
+    "unknown method": (["method=mocoo"], "unknown method 'mocoo'; available: barlow_twins, byol, dino, moco, moco_v1"),
     "unknown backbone": (["backbone=resnet7"], "unknown backbone 'resnet7'"),
     "unknown dataset": (["data=mnist2"], "unknown data 'mnist2'"),
     "missing dataset root": (["method=moco", "data=imagenet"], "data.root is not set"),
@@ -53,6 +53,10 @@ BAD_INPUTS = {
     "batch too small for the loss": (["data.batch_size=1"], "too small for SimCLR's loss"),
     "view larger than the image": (["views.crops.0.size=64"], "views.crops[0].size=64 is larger than data.image_size=28"),
     "queue not a multiple of the batch": (["method=moco", "method.queue_size=1000"], "multiple of the global batch 256"),
+    "swav queue not a multiple of the batch": (["method=swav", "method.queue_size=1000"],
+                                               "method.queue_size=1000 must be a multiple of the global batch 256"),
+    "local crops larger than the global ones": (["views=multicrop", "views.crops.0.size=10"],
+                                                "views.crops[1].size=12 is larger than views.crops[0].size=10"),
     "typo in a key": (["method.temprature=0.1"], "unknown config key 'method.temprature'; did you mean 'method.temperature'?"),
     "gpu without a gpu": (["hardware=gpu"], "needs a CUDA GPU but none is visible"),
     "missing checkpoint to resume": (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt is not a file"),

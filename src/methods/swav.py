@@ -17,6 +17,7 @@ from torch import nn
 from src.methods.base import SSLMethod, num_global_views
 from src.nn.heads import MLP
 from src.nn.losses import swav_loss
+from src.nn.queue import queue_size_problems
 from src.utils.errors import UserError
 
 
@@ -31,6 +32,11 @@ class SwAV(SSLMethod):
         self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim)
         self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)
         self.register_buffer("queue", torch.zeros(2, queue_size, proj_dim))  # global crop x Q x D
+
+    @classmethod
+    def config_problems(cls, method_cfg, global_batch: int, num_views: int) -> list[str]:
+        return (super().config_problems(method_cfg, global_batch, num_views)
+                + queue_size_problems(method_cfg, global_batch, default=0))
 
     def frozen_parameters(self):
         return [self.prototypes.weight] if self.global_step < self.hparams.freeze_prototypes_steps else []

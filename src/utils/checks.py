@@ -49,6 +49,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
                             f"a crop cannot be larger than the image; use at most {data.image_size}")
         if size is not None and group.get("num", 1) < 1:
             problems.append(f"views.crops[{i}].num={group.get('num')} must be >= 1")
+        first = cfg.views.crops[0].get("size")
+        if i > 0 and size is not None and first is not None and size > first:
+            problems.append(f"views.crops[{i}].size={size} is larger than views.crops[0].size={first}: the global "
+                            "crops (the largest) come first in a multi-crop recipe; reorder the groups")
 
     ckpt = cfg.get("ckpt_path")
     if ckpt and not Path(str(ckpt)).is_file():
