@@ -239,3 +239,12 @@ def test_param_groups_exclude_norms_and_biases_from_weight_decay():
     assert no_decay["weight_decay"] == 0.0
     n = sum(1 for p in method.parameters() if p.requires_grad)
     assert len(decay["params"]) + len(no_decay["params"]) == n
+
+
+def test_barlow_twins_biases_and_norms_get_their_own_learning_rate():
+    cfg = tiny_cfg("barlow_twins")
+    L.seed_everything(0)
+    method, dm = build(cfg)
+    trainer = fit(method, dm, steps=1)
+    weights, biases = trainer.optimizers[0].param_groups
+    assert biases["initial_lr"] == pytest.approx(0.024 * weights["initial_lr"])

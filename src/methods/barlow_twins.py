@@ -4,17 +4,22 @@ The correlation is computed over the global batch (embeddings gathered with grad
 
 from __future__ import annotations
 
-from src.methods.base import SSLMethod
+from src.methods.base import SSLMethod, decay_groups
 from src.nn.heads import MLP
 from src.nn.losses import barlow_twins_loss
 
 
 class BarlowTwins(SSLMethod):
     def __init__(self, backbone, views, optimizer, lambd: float = 5e-3, proj_hidden_dim: int = 8192,
-                 proj_dim: int = 8192, proj_layers: int = 3, loss_scale: float = 1.0, **kwargs):
+                 proj_dim: int = 8192, proj_layers: int = 3, loss_scale: float = 1.0, bias_lr_ratio: float = 0.024,
+                 **kwargs):
         super().__init__(backbone, views, optimizer, **kwargs)
-        self.lambd, self.loss_scale = lambd, loss_scale
+        self.lambd, self.loss_scale, self.bias_lr_ratio = lambd, loss_scale, bias_lr_ratio
         self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim, num_layers=proj_layers)
+
+    def param_groups(self):
+        weights, biases_and_norms = decay_groups(self.parameters())
+        return [weights, {**biases_and_norms, "lr_ratio": self.bias_lr_ratio}]
 
     def training_loss(self, views):
         z1, z2 = self.embed(views[:2], head=self.projector)  # N x D each

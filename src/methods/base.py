@@ -191,9 +191,11 @@ class SSLMethod(L.LightningModule):
         scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.hparams.lr_scaling]
         lr = base_lr * scale
         groups = self.param_groups()
-        for group in groups:  # groups without their own weight decay follow the schedule
+        for group in groups:
             if "weight_decay" not in group and self.hparams.weight_decay_end is not None:
-                group.update(wd_schedule=True, wd_start=wd)
+                group.update(wd_schedule=True, wd_start=wd)  # groups without their own weight decay follow it
+            if "lr_ratio" in group:  # e.g. Barlow Twins' biases and norms at 0.024 x the weights' lr
+                group["lr"] = lr * group.pop("lr_ratio")
         optimizer = self.optimizer_factory(groups, lr=lr)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.warmup_steps(self.hparams.warmup_epochs, "warm-up")
