@@ -28,6 +28,13 @@ def fit(method, dm, steps: int, **trainer_kwargs):
     return trainer
 
 
+def trained(name: str, steps: int, *overrides: str):
+    """(method, trainer) after ``steps`` optimizer steps of the tiny config of ``name``."""
+    L.seed_everything(0)
+    method, dm = build(tiny_cfg(name, *overrides))
+    return method, fit(method, dm, steps=steps)
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_method_config_composes_and_trains(name):
     cfg = tiny_cfg(name)
@@ -148,10 +155,7 @@ def test_state_buffers_change_and_survive_a_checkpoint(name, tmp_path):
 
 
 def test_queue_holds_the_latest_keys_in_order():
-    cfg = tiny_cfg("moco_v2")
-    L.seed_everything(0)
-    method, dm = build(cfg)
-    fit(method, dm, steps=3)
+    method, _ = trained("moco_v2", 3)
     q = method.queue
     assert int(q.ptr) == 3 * 16 % 64 and int(q.filled) == 48
     torch.testing.assert_close(q.features[:48].norm(dim=1), torch.ones(48))  # normalised keys were written
@@ -171,10 +175,7 @@ def test_dino_freezes_the_last_layer_in_epoch_zero_and_moves_its_center():
 
 
 def test_dino_weight_decay_follows_its_cosine_schedule():
-    cfg = tiny_cfg("dino")
-    L.seed_everything(0)
-    method, dm = build(cfg)
-    trainer = fit(method, dm, steps=3)
+    _, trainer = trained("dino", 3)
     decay, no_decay = trainer.optimizers[0].param_groups
     assert 0.04 < decay["weight_decay"] <= 0.4 and no_decay["weight_decay"] == 0.0
 
@@ -194,10 +195,7 @@ def test_swav_prototypes_are_normalised_and_frozen_at_first():
 
 
 def test_simsiam_predictor_keeps_a_fixed_learning_rate():
-    cfg = tiny_cfg("simsiam", "trainer.max_epochs=1")
-    L.seed_everything(0)
-    method, dm = build(cfg)
-    trainer = fit(method, dm, steps=3)
+    method, trainer = trained("simsiam", 3)
     groups = trainer.optimizers[0].param_groups
     fixed = [g for g in groups if g.get("fixed_lr")]
     others = [g for g in groups if not g.get("fixed_lr")]
@@ -242,9 +240,6 @@ def test_param_groups_exclude_norms_and_biases_from_weight_decay():
 
 
 def test_barlow_twins_biases_and_norms_get_their_own_learning_rate():
-    cfg = tiny_cfg("barlow_twins")
-    L.seed_everything(0)
-    method, dm = build(cfg)
-    trainer = fit(method, dm, steps=1)
+    _, trainer = trained("barlow_twins", 1)
     weights, biases = trainer.optimizers[0].param_groups
     assert biases["initial_lr"] == pytest.approx(0.024 * weights["initial_lr"])

@@ -85,6 +85,16 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return -torch.einsum("nd,nd->n", F.normalize(p, dim=1), F.normalize(z, dim=1)).mean()
 
 
+def _global_pair(z1: torch.Tensor, z2: torch.Tensor, gather: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked (N, D) pair, gathered with gradient over processes when ``gather``; N >= 2 after gathering."""
+    _check_pair(z1, z2, name)
+    if gather:
+        z1, z2 = du.gather_with_grad(z1), du.gather_with_grad(z2)
+    if z1.shape[0] < 2:
+        raise ValueError(f"{name} needs a batch of at least 2, got {z1.shape[0]}")
+    return z1, z2
+
+
 def barlow_twins_loss(
     z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, eps: float = 1e-5, gather: bool = False
 ) -> torch.Tensor:
@@ -96,12 +106,8 @@ def barlow_twins_loss(
     With ``gather=True`` both are gathered (with gradient) first, so every rank computes the loss of
     the global batch.
     """
-    _check_pair(z1, z2, "barlow_twins_loss")
-    if gather:
-        z1, z2 = du.gather_with_grad(z1), du.gather_with_grad(z2)
+    z1, z2 = _global_pair(z1, z2, gather, "barlow_twins_loss")
     n = z1.shape[0]
-    if n < 2:
-        raise ValueError(f"barlow_twins_loss needs a batch of at least 2, got {n}")
     c = torch.einsum("ni,nj->ij", _standardise(z1, eps), _standardise(z2, eps)) / n  # D x D
     on_diag = (1 - torch.diagonal(c)).pow(2).sum()
     return on_diag + lambd * _off_diagonal(c).pow(2).sum()
@@ -121,12 +127,7 @@ def vicreg_terms(
     With ``gather=True`` both are gathered (with gradient) first, so the terms are those of the
     global batch on every rank.
     """
-    _check_pair(z1, z2, "vicreg_terms")
-    if gather:
-        z1, z2 = du.gather_with_grad(z1), du.gather_with_grad(z2)
-    n = z1.shape[0]
-    if n < 2:
-        raise ValueError(f"vicreg needs a batch of at least 2, got {n}")
+    z1, z2 = _global_pair(z1, z2, gather, "vicreg")
     return {
         "invariance": F.mse_loss(z1, z2),
         "variance": (_variance_term(z1, eps) + _variance_term(z2, eps)) / 2,

@@ -87,20 +87,19 @@ def batch_unshuffle(x: torch.Tensor, undo: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    if not is_distributed():
+        return x
+    out = x.clone()
+    dist.all_reduce(out, op=op)
+    return out
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of ``x`` over all processes, as a new tensor (``x`` itself at world size 1)."""
-    if not is_distributed():
-        return x
-    out = x.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    """Sum of ``x`` over all processes, as a new tensor (``x`` itself at world size 1); no gradient."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
 
 
-@torch.no_grad()
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    """Element-wise max of ``x`` over all processes, as a new tensor (``x`` itself at world size 1)."""
-    if not is_distributed():
-        return x
-    out = x.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    """Element-wise max of ``x`` over all processes, as a new tensor (``x`` itself at world size 1); no gradient."""
+    return _all_reduce(x, dist.ReduceOp.MAX)
