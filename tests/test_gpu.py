@@ -5,14 +5,15 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.helpers import tiny_cfg
+from tests.helpers import METHODS, tiny_cfg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
-def test_views_run_on_the_gpu_and_training_steps_are_finite(precision):
-    cfg = tiny_cfg("moco_v2")
+@pytest.mark.parametrize("name", METHODS)
+def test_views_run_on_the_gpu_and_training_steps_are_finite(name, precision):
+    cfg = tiny_cfg(name)
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
     seen = {}
 
