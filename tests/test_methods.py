@@ -10,6 +10,7 @@ from hydra.utils import get_class, instantiate
 import src.methods.base as base
 from src.methods.base import SSLMethod, num_global_views, view_pairs
 from src.nn.ema import update_momentum
+from src.utils.checks import config_problems
 from src.utils.config import compose
 from tests.helpers import METHODS, tiny_cfg
 
@@ -33,6 +34,11 @@ def trained(name: str, steps: int, *overrides: str):
     L.seed_everything(0)
     method, dm = build(tiny_cfg(name, *overrides))
     return method, fit(method, dm, steps=steps)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_paper_config_passes_the_preflight_check(name):
+    assert config_problems(compose([f"method={name}"])) == []
 
 
 @pytest.mark.parametrize("name", METHODS)

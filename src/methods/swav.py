@@ -36,7 +36,7 @@ class SwAV(SSLMethod):
     @classmethod
     def config_problems(cls, method_cfg, global_batch: int, num_views: int) -> list[str]:
         return (super().config_problems(method_cfg, global_batch, num_views)
-                + queue_size_problems(method_cfg, global_batch, default=0))
+                + queue_size_problems(method_cfg, global_batch, default=0, allow_zero=True))
 
     def frozen_parameters(self):
         return [self.prototypes.weight] if self.global_step < self.hparams.freeze_prototypes_steps else []

@@ -39,10 +39,14 @@ class FeatureQueue(nn.Module):
         self.filled.fill_(min(int(self.filled) + n, self.size))
 
 
-def queue_size_problems(method_cfg, global_batch: int, default: int) -> list[str]:
-    """The config rule of every queue: its size is a multiple of the global batch."""
+def queue_size_problems(method_cfg, global_batch: int, default: int, allow_zero: bool = False) -> list[str]:
+    """The config rules of every queue: at least one entry (or 0 = off where allowed) and a multiple of
+    the global batch."""
     k = method_cfg.get("queue_size", default)
-    if isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % global_batch:
+    smallest = 0 if allow_zero else 1
+    if isinstance(k, bool) or not isinstance(k, int) or k < smallest:
+        return [f"method.queue_size={k} must be an integer >= {smallest}" + (" (0 turns the queue off)" if allow_zero else "")]
+    if k > 0 and k % global_batch:
         return [f"method.queue_size={k} must be a multiple of the global batch {global_batch} "
                 f"(data.batch_size x devices); e.g. method.queue_size={max(k // global_batch, 1) * global_batch}"]
     return []

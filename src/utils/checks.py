@@ -11,7 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from src.utils.errors import UserError
 
 POSITIVE_KEYS = ("lr", "temperature", "batch_size", "eval_batch_size", "max_epochs", "image_size", "crop_size",
-                 "queue_size", "proj_dim", "proj_hidden_dim", "size")
+                 "proj_dim", "proj_hidden_dim", "size")
 
 
 def walk_leaves(node, prefix: str = ""):
