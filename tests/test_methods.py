@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
 
 import src.methods.base as base
+import src.methods.swav as swav_module
 from src.methods.base import SSLMethod, num_global_views, view_pairs
 from src.nn.ema import update_momentum
 from src.utils.checks import config_problems
@@ -249,3 +250,13 @@ def test_barlow_twins_biases_and_norms_get_their_own_learning_rate():
     _, trainer = trained("barlow_twins", 1)
     weights, biases = trainer.optimizers[0].param_groups
     assert biases["initial_lr"] == pytest.approx(0.024 * weights["initial_lr"])
+
+
+def test_swav_queue_joins_sinkhorn_once_full(monkeypatch):
+    seen = []
+    original = swav_module.swav_loss
+    monkeypatch.setattr(swav_module, "swav_loss", lambda *a, **k: (seen.append(k["queue_scores"]), original(*a, **k))[1])
+    method, _ = trained("swav", 5, "method.queue_size=64", "method.queue_start_epoch=0")
+    assert [q is None for q in seen] == [True] * 4 + [False]  # 4 batches of 16 fill the queue of 64
+    assert [tuple(q.shape) for q in seen[4]] == [(64, 16), (64, 16)]  # Q x prototypes, per global crop
+    assert method.use_queue()
