@@ -21,7 +21,7 @@ def test_methods_and_command():
     assert cmd[-1] == "eval.final.linear_epochs=5"
     assert q.overrides_of(cmd) == ["method=simclr", "data=fashion_mnist", "backbone=convnet",
                                    "trainer.max_epochs=3", "data.max_train_samples=512", "seed=1",
-                                   "logger=csv", "eval.final.linear_epochs=5"]
+                                   "logger=csv", *q.CPU_OVERRIDES["simclr"], "eval.final.linear_epochs=5"]
 
 
 def test_last_error_line():
