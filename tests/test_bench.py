@@ -37,12 +37,12 @@ def test_page_marks_failures_and_keeps_notes():
     assert "| simclr | 80.00 | 85.00 | 67.50 | 81.50 | yes | yes (+2.08) | 140 | 600 |" in page
     assert "| byol | **failed**: exit 1: RuntimeError: a \\| b |" in page
     assert "85.54" in page and "77.92" in page
-    assert page.rstrip().endswith(q.NOTES_PLACEHOLDER)
+    assert page.rstrip().endswith(q.NOTES_MARKER)
     assert q.existing_notes(page) == ""
 
     edited = page + "\nByol failed because of X.\n\n### More\n- y\n"
     notes = q.existing_notes(edited)
     assert notes == "Byol failed because of X.\n\n### More\n- y"
     again = q.render_markdown([ok], BASELINE, META, notes)
-    assert again.count(q.NOTES_HEADING) == 1 and again.count(q.NOTES_PLACEHOLDER) == 1
+    assert again.count(q.NOTES_HEADING) == 1 and again.count(q.NOTES_MARKER) == 1
     assert q.existing_notes(again) == notes

@@ -56,7 +56,7 @@ CPU_OVERRIDES: dict[str, list[str]] = {
 
 ALIASES = {"moco"}  # conf/method/moco.yaml is moco_v2 under another name
 NOTES_HEADING = "## Notes"
-NOTES_PLACEHOLDER = "<!-- notes: written by hand after the run -->"
+NOTES_MARKER = "<!-- notes: written by hand after the run -->"
 EUCLID_K = 5
 
 
@@ -264,11 +264,11 @@ def raw_pixel_baseline(extra: list[str]) -> dict:
 
 # ---- the results page ----------------------------------------------------------------------------
 def existing_notes(text: str) -> str:
-    """Hand-written text under ``## Notes`` of an existing page (without the placeholder), or ''."""
+    """Hand-written text under ``## Notes`` of an existing page (without the marker comment), or ''."""
     m = re.search(rf"^{re.escape(NOTES_HEADING)}[ \t]*$", text, flags=re.MULTILINE)
     if m is None:
         return ""
-    body = text[m.end():].replace(NOTES_PLACEHOLDER, "")
+    body = text[m.end():].replace(NOTES_MARKER, "")
     return body.strip("\n") if body.strip() else ""
 
 
@@ -360,7 +360,7 @@ def render_markdown(runs: list[MethodRun], baseline: dict | None, meta: dict, no
         ]
     else:
         lines.append("- not computed (`--no-baseline`)")
-    lines += ["", NOTES_HEADING, "", NOTES_PLACEHOLDER, ""]
+    lines += ["", NOTES_HEADING, "", NOTES_MARKER, ""]
     if notes:
         lines += [notes, ""]
     return "\n".join(lines)
