@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.utils.config import compose, group_options
+
 # Per-method Hydra overrides that fit the paper configs to a 400-step CPU budget on 10,240 images; every
 # override used is printed under the method in the results page. Three kinds only:
 # - queues no larger than a fraction of the subset (65,536 / 98,304 entries would be mostly the random
@@ -62,8 +64,6 @@ EUCLID_K = 5
 
 # ---- what runs -----------------------------------------------------------------------------------
 def default_methods() -> list[str]:
-    from src.utils.config import group_options
-
     return [m for m in group_options("method") if m not in ALIASES]
 
 
@@ -189,21 +189,10 @@ def _check_results(run: MethodRun) -> MethodRun:
     return run
 
 
-def _compose(overrides: list[str], hydra_config: bool = False):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from src.utils.config import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_config)
-
-
 def describe_method(run: MethodRun) -> None:
     """Optimiser (from the method's yaml) and views choice of ``run``, composed like the run composes them."""
     try:
-        cfg = _compose([o for o in run.overrides if not o.startswith("hydra.")], hydra_config=True)
+        cfg = compose([o for o in run.overrides if not o.startswith("hydra.")], return_hydra_config=True)
     except Exception as e:  # noqa: BLE001 - a method being written may not compose yet
         run.optimizer = run.views = f"? ({type(e).__name__})"
         return
@@ -234,7 +223,7 @@ def raw_pixel_baseline(extra: list[str]) -> dict:
     from src.nn.knn import knn_top1
 
     keep = [o for o in extra if o.lstrip("+~").startswith(("data.", "paths.", "eval."))]
-    cfg = _compose(["data=fashion_mnist", *keep])
+    cfg = compose(["data=fashion_mnist", *keep])
     final = cfg.eval.final
     dm = instantiate(cfg.data)
     dm.prepare_data()
@@ -426,8 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     available = default_methods()
-    from src.utils.config import group_options
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else available
     unknown = [m for m in methods if m not in group_options("method")]
     if unknown or not methods:

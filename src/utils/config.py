@@ -28,12 +28,13 @@ def config_groups() -> list[str]:
     return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
 
-def compose(overrides: list[str] | tuple[str, ...] = ()):
-    """Compose conf/train.yaml with overrides, outside a Hydra app (tests, pre-flight)."""
+def compose(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False):
+    """Compose conf/train.yaml with overrides, outside a Hydra app (tests, pre-flight, benchmarks);
+    ``return_hydra_config`` adds ``hydra.runtime.choices`` (which option of each group was taken)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+        return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
