@@ -26,12 +26,19 @@ from src.nn.schedules import cosine_schedule, warmup_cosine
 from src.utils.errors import UserError
 
 
+def size_runs(views: list[torch.Tensor]) -> list[slice]:
+    """Runs of consecutive views with the same spatial size, e.g. [0:2, 2:8] for 2 global + 6 local crops."""
+    runs, start = [], 0
+    for i in range(1, len(views) + 1):
+        if i == len(views) or views[i].shape[-2:] != views[start].shape[-2:]:
+            runs.append(slice(start, i))
+            start = i
+    return runs
+
+
 def num_global_views(views: list[torch.Tensor]) -> int:
     """How many leading views have the size of the first one (the global crops of a multi-crop recipe)."""
-    n = 1
-    while n < len(views) and views[n].shape[-2:] == views[0].shape[-2:]:
-        n += 1
-    return n
+    return size_runs(views)[0].stop
 
 
 def view_pairs(num_global: int, num_views: int) -> list[tuple[int, int]]:
@@ -90,14 +97,7 @@ class SSLMethod(L.LightningModule):
         """Per-view outputs of ``head(backbone(view))``. Consecutive views of one size go through the
         backbone as one batch; the head (with its BatchNorm) sees all views at once."""
         backbone = backbone if backbone is not None else self.forward
-        feats, i = [], 0
-        while i < len(views):
-            j = i + 1
-            while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
-                j += 1
-            feats.append(backbone(torch.cat(views[i:j])))  # (j - i) N x D
-            i = j
-        out = torch.cat(feats)
+        out = torch.cat([backbone(torch.cat(views[run])) for run in size_runs(views)])  # V N x D
         out = head(out) if head is not None else out
         return list(out.chunk(len(views)))
 

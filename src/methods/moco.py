@@ -26,8 +26,6 @@ class MoCo(SSLMethod):
         super().__init__(backbone, views, optimizer, momentum=momentum, **kwargs)
         if temperature <= 0:
             raise UserError(f"method.temperature={temperature} must be > 0")
-        if queue_size < 1:
-            raise UserError(f"method.queue_size={queue_size} must be >= 1")
         self.temperature, self.shuffle_bn = temperature, shuffle_bn
         self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim, num_layers=2 if mlp_head else 1)
         self.backbone_k, self.projector_k = frozen_copy(self.backbone), frozen_copy(self.projector)

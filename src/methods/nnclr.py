@@ -15,15 +15,12 @@ from src.methods.base import SSLMethod
 from src.nn.heads import MLP
 from src.nn.losses import info_nce
 from src.nn.queue import FeatureQueue, queue_size_problems
-from src.utils.errors import UserError
 
 
 class NNCLR(SSLMethod):
     def __init__(self, backbone, views, optimizer, temperature: float = 0.1, queue_size: int = 98304,
                  proj_hidden_dim: int = 2048, proj_dim: int = 256, pred_hidden_dim: int = 4096, **kwargs):
         super().__init__(backbone, views, optimizer, **kwargs)
-        if queue_size < 1:
-            raise UserError(f"method.queue_size={queue_size} must be >= 1")
         self.temperature = temperature
         self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim, num_layers=3, last_bn=True)
         self.predictor = MLP(proj_dim, pred_hidden_dim, proj_dim)

@@ -17,7 +17,7 @@ from torch import nn
 from src.methods.base import SSLMethod, num_global_views
 from src.nn.heads import MLP
 from src.nn.losses import swav_loss
-from src.nn.queue import queue_size_problems
+from src.nn.queue import FeatureQueue, queue_size_problems
 from src.utils.errors import UserError
 
 
@@ -27,11 +27,10 @@ class SwAV(SSLMethod):
                  epsilon: float = 0.05, queue_size: int = 0, queue_start_epoch: int = 15,
                  freeze_prototypes_steps: int = 313, **kwargs):
         super().__init__(backbone, views, optimizer, **kwargs)
-        if queue_size < 0:
-            raise UserError(f"method.queue_size={queue_size} must be >= 0 (0 turns the queue off)")
         self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim)
         self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)
-        self.register_buffer("queue", torch.zeros(2, queue_size, proj_dim))  # global crop x Q x D
+        # one queue of past embeddings per global crop (Q x D each); none when queue_size is 0
+        self.queues = nn.ModuleList([FeatureQueue(queue_size, proj_dim) for _ in range(2)] if queue_size > 0 else [])
 
     @classmethod
     def config_problems(cls, method_cfg, global_batch: int, num_views: int) -> list[str]:
@@ -42,8 +41,8 @@ class SwAV(SSLMethod):
         return [self.prototypes.weight] if self.global_step < self.hparams.freeze_prototypes_steps else []
 
     def use_queue(self) -> bool:
-        return (self.queue.shape[1] > 0 and self.current_epoch >= self.hparams.queue_start_epoch
-                and bool(self.queue[:, -1].abs().sum(dim=1).gt(0).all()))
+        return (len(self.queues) > 0 and self.current_epoch >= self.hparams.queue_start_epoch
+                and all(q.is_full() for q in self.queues))
 
     def training_loss(self, views):
         with torch.no_grad():
@@ -53,21 +52,14 @@ class SwAV(SSLMethod):
         scores = list(self.prototypes(torch.cat(z)).chunk(len(views)))  # V x (N x K)
         h = self.hparams
         queue_scores = None
-        if self.queue.shape[1] > 0:
-            if n_global != self.queue.shape[0]:
+        if self.queues:
+            if n_global != len(self.queues):
                 raise UserError(f"SwAV's queue holds 2 global crops but the views give {n_global}; "
                                 "use views=multicrop or method.queue_size=0")
             if self.use_queue():
-                queue_scores = [self.prototypes(q) for q in self.queue]  # G x (Q x K)
-            self.enqueue(z[:n_global])
+                queue_scores = [self.prototypes(q.features) for q in self.queues]  # G x (Q x K)
+            for q, z_g in zip(self.queues, z[:n_global], strict=True):
+                q.push(z_g.detach(), gather=False)  # per process, as in the paper's code
         loss = swav_loss(scores[:n_global], scores[n_global:], h.temperature, h.sinkhorn_iterations, h.epsilon,
                          queue_scores=queue_scores)
         return loss
-
-    @torch.no_grad()
-    def enqueue(self, z_global: list[torch.Tensor]) -> None:
-        """Shift each global crop's queue by N rows and put this batch's embeddings in front."""
-        n = z_global[0].shape[0]
-        for i, z in enumerate(z_global):
-            self.queue[i, n:] = self.queue[i, :-n].clone()
-            self.queue[i, :n] = z.detach()[: self.queue.shape[1]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from src.methods.base import SSLMethod
 from src.nn.heads import MLP
-from src.nn.losses import vicreg_terms
+from src.nn.losses import vicreg_loss
 
 
 class VICReg(SSLMethod):
@@ -14,10 +14,9 @@ class VICReg(SSLMethod):
                  cov_weight: float = 1.0, proj_hidden_dim: int = 8192, proj_dim: int = 8192,
                  proj_layers: int = 3, **kwargs):
         super().__init__(backbone, views, optimizer, **kwargs)
-        self.weights = {"invariance": sim_weight, "variance": var_weight, "covariance": cov_weight}
+        self.weights = dict(sim_weight=sim_weight, var_weight=var_weight, cov_weight=cov_weight)
         self.projector = MLP(backbone.out_dim, proj_hidden_dim, proj_dim, num_layers=proj_layers)
 
     def training_loss(self, views):
         z1, z2 = self.embed(views[:2], head=self.projector)  # N x D each
-        terms = vicreg_terms(z1, z2, gather=True)
-        return sum(self.weights[k] * v for k, v in terms.items()), terms
+        return vicreg_loss(z1, z2, **self.weights, gather=True, return_terms=True)

@@ -143,10 +143,13 @@ def vicreg_loss(
     cov_weight: float = 1.0,
     eps: float = 1e-4,
     gather: bool = False,
-) -> torch.Tensor:
-    """VICReg (Bardes et al. 2022, eq. 6): weighted sum of the terms of :func:`vicreg_terms`."""
+    return_terms: bool = False,
+):
+    """VICReg (Bardes et al. 2022, eq. 6): weighted sum of the terms of :func:`vicreg_terms`;
+    ``return_terms=True`` returns ``(loss, terms)`` (the unweighted terms, for logging)."""
     t = vicreg_terms(z1, z2, eps=eps, gather=gather)
-    return sim_weight * t["invariance"] + var_weight * t["variance"] + cov_weight * t["covariance"]
+    loss = sim_weight * t["invariance"] + var_weight * t["variance"] + cov_weight * t["covariance"]
+    return (loss, t) if return_terms else loss
 
 
 def dino_loss(

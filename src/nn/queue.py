@@ -16,6 +16,8 @@ class FeatureQueue(nn.Module):
 
     def __init__(self, size: int, dim: int):
         super().__init__()
+        if size < 1:
+            raise ValueError(f"a feature queue needs at least one entry, got size {size}")
         self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))  # K x D
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
@@ -28,9 +30,13 @@ class FeatureQueue(nn.Module):
         """The rows written so far (all rows once the queue has wrapped)."""
         return self.features[: int(self.filled)]
 
+    def is_full(self) -> bool:
+        return int(self.filled) == self.size
+
     @torch.no_grad()
-    def push(self, x: torch.Tensor) -> None:
-        x = du.gather(x)  # (world * N) x D
+    def push(self, x: torch.Tensor, gather: bool = True) -> None:
+        """Write ``x`` (N x D), with the rows of every process when ``gather`` (else this process's only)."""
+        x = du.gather(x) if gather else x  # (world * N) x D
         n = x.shape[0]
         assert self.size % n == 0, f"queue size {self.size} must be a multiple of the global batch {n}"  # for simplicity
         ptr = int(self.ptr)
