@@ -42,8 +42,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         kwargs = {}
         if "random_baseline" in cb_cfg:
             cb_cfg = OmegaConf.masked_copy(cb_cfg, [k for k in cb_cfg if k != "random_baseline"])
-            if cfg.eval[name].random_baseline:
-                kwargs["random_backbone"] = lambda: instantiate(cfg.backbone)
+            if cfg.eval[name].random_baseline:  # a fresh method: its forward is what evaluation reads
+                kwargs["random_backbone"] = lambda: instantiate(cfg.method, backbone=instantiate(cfg.backbone),
+                                                                views=instantiate(cfg.views))
             kwargs["seed"] = cfg.seed
         callbacks.append(instantiate(cb_cfg, **kwargs))
     callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
@@ -71,6 +72,8 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
         results.update(getattr(cb, "results", {}) or {})
         metrics = getattr(cb, "metrics", {}) or {}
         results.update({k.replace("eval/", "last_"): v for k, v in metrics.items()})  # per-epoch monitors
+    if "train/pretext_acc_epoch" in trainer.callback_metrics:  # rotation, patch location, jigsaw: last epoch's mean
+        results["pretext_acc"] = round(100 * float(trainer.callback_metrics["train/pretext_acc_epoch"]), 2)
     results["wall_time_s"] = round(time.time() - start, 1)
     results["run_dir"] = str(run_dir)
     results = {k: (round(float(v), 4) if isinstance(v, torch.Tensor | float) else v) for k, v in results.items()}

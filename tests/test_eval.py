@@ -99,6 +99,8 @@ class TinyBackbone(nn.Module):
 class FakeMethod(L.LightningModule):
     """training_step only returns a zero-gradient loss: any change to the module would come from callbacks."""
 
+    feature_dim = TinyBackbone.out_dim
+
     def __init__(self):
         super().__init__()
         self.backbone, self.views = TinyBackbone(), Views()

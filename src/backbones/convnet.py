@@ -8,7 +8,9 @@ from torch import nn
 
 class ConvNet(nn.Module):
     """``depth`` blocks of 3x3 conv + BatchNorm + ReLU with widths width * 2^i; 2x2 max-pool after
-    every block but the last; global average pool. ``forward(x) -> (B, out_dim)``."""
+    every block but the last; global average pool. ``forward(x) -> (B, out_dim)``;
+    ``feature_map(x) -> (B, out_dim, H / 2^(depth-1), W / 2^(depth-1))`` before the pool (dense pretext
+    heads such as colorization read it)."""
 
     def __init__(self, in_channels: int = 3, width: int = 32, depth: int = 3):
         super().__init__()
@@ -25,5 +27,8 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.out_dim = c_in
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # B x out_dim x h x w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))  # B x out_dim
+        return self.feature_map(x).mean(dim=(2, 3))  # B x out_dim

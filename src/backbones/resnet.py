@@ -8,7 +8,8 @@ from torch import nn
 
 
 class ResNet(nn.Module):
-    """``forward(x) -> (B, out_dim)`` pooled features of a torchvision ResNet (fc removed).
+    """``forward(x) -> (B, out_dim)`` pooled features of a torchvision ResNet (fc removed);
+    ``feature_map(x) -> (B, out_dim, h, w)`` the last stage before the pool (dense pretext heads read it).
 
     ``cifar_stem=True`` replaces the 7x7/2 conv + max-pool with a 3x3/1 conv and no pool, the usual
     choice for 32x32 images. ``in_channels`` != 3 replaces the first conv (grayscale data).
@@ -29,5 +30,10 @@ class ResNet(nn.Module):
         net.fc = nn.Identity()
         self.net = net
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))  # B x out_dim x h x w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.feature_map(x).mean(dim=(2, 3))  # B x out_dim

@@ -49,7 +49,7 @@ class OnlineLinearProbe(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active(trainer):
             return
-        dims = (pl_module.backbone.out_dim, trainer.datamodule.num_classes)
+        dims = (pl_module.feature_dim, trainer.datamodule.num_classes)
         self.probe = nn.utils.skip_init(nn.Linear, *dims, device=pl_module.device)
         nn.init.zeros_(self.probe.weight)  # deterministic, identical on every rank, no global RNG use
         nn.init.zeros_(self.probe.bias)

@@ -237,6 +237,10 @@ class Views(torch.nn.Module):
         self.register_buffer("std", torch.tensor(std), persistent=False)
         self.num_views = sum(g["num"] for g in self.groups)
 
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Undo the normalisation of a view: float images back in [0, 1] (pretext tasks that need colour)."""
+        return x * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1)
+
     def _normalize(self, x: Tensor) -> Tensor:
         if x.shape[1] != self.mean.numel():
             raise ValueError(

@@ -87,6 +87,11 @@ class SSLMethod(L.LightningModule):
         return []
 
     # ---- features (what evaluation reads) ---------------------------------------------------------
+    @property
+    def feature_dim(self) -> int:
+        """Width of :meth:`forward`'s features, the representation evaluation measures."""
+        return self.backbone.out_dim
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -122,8 +127,8 @@ class SSLMethod(L.LightningModule):
                                      "check the data; the last good checkpoint is kept")
         bs = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for k, v in logs.items():
-            self.log(f"train/{k}", v, batch_size=bs)
+        for k, v in logs.items():  # a pretext task's accuracy is also averaged over each epoch (for results)
+            self.log(f"train/{k}", v, batch_size=bs, on_epoch=k == "pretext_acc")
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
 
@@ -211,18 +216,20 @@ class SSLMethod(L.LightningModule):
 
     # ---- config rules checked before training -----------------------------------------------------
     min_global_batch = 2  # contrastive losses need at least one negative
+    min_views = 2  # views per image the loss compares (pretext tasks need one)
 
     @classmethod
-    def config_problems(cls, method_cfg, global_batch: int, num_views: int) -> list[str]:
-        """One line per problem with this method's config; extended by methods with extra rules."""
+    def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
+        """One line per problem with this method in the composed config ``cfg``; extended by methods with
+        extra rules (queue sizes, grid sizes, colour data)."""
         problems = []
         if global_batch < cls.min_global_batch:
             problems.append(f"data.batch_size gives a global batch of {global_batch}, too small for "
                             f"{cls.__name__}'s loss (needs >= {cls.min_global_batch}); raise data.batch_size")
-        if num_views < 2:
-            problems.append(f"{cls.__name__} needs 2 views per image but views give {num_views}; "
-                            "set views.crops[0].num=2")
-        scaling = method_cfg.get("lr_scaling", "linear")
+        if num_views < cls.min_views:
+            problems.append(f"{cls.__name__} needs {cls.min_views} views per image but views give {num_views}; "
+                            f"set views.crops[0].num={cls.min_views}")
+        scaling = cfg.method.get("lr_scaling", "linear")
         if scaling not in ("linear", "sqrt", "none"):
             problems.append(f"method.lr_scaling={scaling} is not allowed; use linear, sqrt or none")
         return problems

@@ -32,9 +32,9 @@ class MoCo(SSLMethod):
         self.queue = FeatureQueue(queue_size, proj_dim)  # K x C negatives
 
     @classmethod
-    def config_problems(cls, method_cfg, global_batch: int, num_views: int) -> list[str]:
-        return (super().config_problems(method_cfg, global_batch, num_views)
-                + queue_size_problems(method_cfg, global_batch, default=65536))
+    def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
+        return (super().config_problems(cfg, global_batch, num_views)
+                + queue_size_problems(cfg.method, global_batch, default=65536))
 
     def momentum_pairs(self):
         return [(self.backbone, self.backbone_k), (self.projector, self.projector_k)]

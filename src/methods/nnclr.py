@@ -27,9 +27,9 @@ class NNCLR(SSLMethod):
         self.support = FeatureQueue(queue_size, proj_dim)  # K x D, normalised projections
 
     @classmethod
-    def config_problems(cls, method_cfg, global_batch: int, num_views: int) -> list[str]:
-        return (super().config_problems(method_cfg, global_batch, num_views)
-                + queue_size_problems(method_cfg, global_batch, default=98304))
+    def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
+        return (super().config_problems(cfg, global_batch, num_views)
+                + queue_size_problems(cfg.method, global_batch, default=98304))
 
     @torch.no_grad()
     def nearest_neighbour(self, z: torch.Tensor) -> torch.Tensor:

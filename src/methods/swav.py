@@ -33,9 +33,9 @@ class SwAV(SSLMethod):
         self.queues = nn.ModuleList([FeatureQueue(queue_size, proj_dim) for _ in range(2)] if queue_size > 0 else [])
 
     @classmethod
-    def config_problems(cls, method_cfg, global_batch: int, num_views: int) -> list[str]:
-        return (super().config_problems(method_cfg, global_batch, num_views)
-                + queue_size_problems(method_cfg, global_batch, default=0, allow_zero=True))
+    def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
+        return (super().config_problems(cfg, global_batch, num_views)
+                + queue_size_problems(cfg.method, global_batch, default=0, allow_zero=True))
 
     def frozen_parameters(self):
         return [self.prototypes.weight] if self.global_step < self.hparams.freeze_prototypes_steps else []

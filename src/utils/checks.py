@@ -71,7 +71,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     except Exception:  # noqa: BLE001
         return problems + [f"method._target_={cfg.method._target_} cannot be imported; check the method yaml"]
     if hasattr(method_cls, "config_problems"):
-        problems += method_cls.config_problems(cfg.method, global_batch=data.batch_size * world,
+        problems += method_cls.config_problems(cfg, global_batch=data.batch_size * world,
                                                num_views=sum(g.get("num", 1) for g in cfg.views.get("crops", [])))
     return problems
 

@@ -1,0 +1,52 @@
+"""What the pretext tasks share: one view per image, pseudo-labels made from it on the device.
+
+A pretext method reads the (normalised) global views as one batch of images (:meth:`PretextTask.images`),
+builds its labels from them (rotations, patch positions, permutations, masks, Lab colours), and returns
+``(loss, {"pretext_acc": ...})`` where the task is a classification. The backbone is what evaluation
+measures; task heads and decoders belong to the method.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from src.methods.base import SSLMethod, num_global_views
+
+
+def crop_size(cfg: DictConfig) -> int | None:
+    """The size of the views the task sees (views.crops[0].size), or None when it cannot be resolved."""
+    try:
+        return int(OmegaConf.select(cfg, "views.crops.0.size"))
+    except Exception:  # noqa: BLE001 - a missing or unresolvable size is reported elsewhere
+        return None
+
+
+def colour_problems(cls: type, cfg: DictConfig) -> list[str]:
+    """One line when the data is not RGB (colorization and split-brain predict colour from lightness)."""
+    channels = cfg.data.get("channels")
+    if channels == 3:
+        return []
+    return [f"{cls.__name__} needs colour (RGB) images but data={cfg.data.get('name')} has data.channels={channels}; "
+            "use a colour dataset such as data=cifar10, data=stl10 or data=imagefolder"]
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy (a fraction) of ``logits`` (N x K) against ``labels`` (N,)."""
+    return (logits.argmax(dim=1) == labels).float().mean()
+
+
+class PretextTask(SSLMethod):
+    """SSLMethod for tasks that need one view per image and no negatives."""
+
+    min_global_batch = 1
+    min_views = 1
+
+    def images(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The global views as one batch (B' x C x S x S, normalised): more than one view per image only
+        adds samples."""
+        return torch.cat(views[: num_global_views(views)])
+
+    def rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised views back to [0, 1] colours."""
+        return self.views.denormalize(x).clamp(0, 1)
