@@ -34,8 +34,9 @@ def test_page_marks_failures_and_keeps_notes():
     ok = q.MethodRun("simclr", ["method=simclr"], results=RESULTS, optimizer="LARS (lr 0.3)", views="simclr")
     bad = q.MethodRun("byol", ["method=byol"], error="exit 1: RuntimeError: a | b")
     page = q.render_markdown([ok, bad], BASELINE, META)
-    assert "| simclr | 80.00 | 85.00 | 67.50 | 81.50 | yes | yes (+2.08) | 140 | 600 |" in page
+    assert "| simclr | 80.00 | 85.00 | 67.50 | 81.50 | yes | yes (+2.08) | 140 | 600 | — |" in page
     assert "| byol | **failed**: exit 1: RuntimeError: a \\| b |" in page
+    assert "need colour" not in page
     assert "85.54" in page and "77.92" in page
     assert page.rstrip().endswith(q.NOTES_MARKER)
     assert q.existing_notes(page) == ""
@@ -46,3 +47,17 @@ def test_page_marks_failures_and_keeps_notes():
     again = q.render_markdown([ok], BASELINE, META, notes)
     assert again.count(q.NOTES_HEADING) == 1 and again.count(q.NOTES_MARKER) == 1
     assert q.existing_notes(again) == notes
+
+
+def test_colour_methods_run_on_colour_data_or_say_why_not(tmp_path):
+    assert q.data_for("colorization") == q.COLOUR_DATA and q.data_for("split_brain") == q.COLOUR_DATA
+    assert q.data_for("rotation") == q.GRAY_DATA and q.data_for("simclr") == q.GRAY_DATA
+    missing = q.colour_data_missing([f"data.root={tmp_path}"])  # an empty folder holds no CIFAR-10
+    assert missing is not None and "cifar10 is not on this machine" in missing
+    rot = q.MethodRun("rotation", ["method=rotation"], results={**RESULTS, "pretext_acc": 91.5})
+    col = q.MethodRun("colorization", ["method=colorization"], skipped=missing, data=q.COLOUR_DATA)
+    page = q.render_markdown([rot, col], BASELINE, META)
+    assert "| rotation | 80.00 | 85.00 | 67.50 | 81.50 | yes | yes (+2.08) | 140 | 600 | 91.50 |" in page
+    colour_section = page.split("## Methods that need colour images (cifar10)")[1].split("## Raw-pixel")[0]
+    assert "| colorization | not run: cifar10 is not on this machine" in colour_section
+    assert not col.ok and "colorization" not in page.split("## Methods that need colour")[0].split("| --- |")[1]

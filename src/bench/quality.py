@@ -1,7 +1,10 @@
-"""`python -m src.bench.quality`: pre-train every joint-embedding method on real Fashion-MNIST under one
-CPU budget, one after another, and write a results page (default docs/results.md).
+"""`python -m src.bench.quality`: pre-train every method on real Fashion-MNIST under one CPU budget, one
+after another, and write a results page (default docs/results.md).
 
-Each method runs as a user would run it, ``python -m src.train method=<m> data=fashion_mnist
+Methods that need colour images (colorization, split-brain) run on CIFAR-10 instead, when it is on disk
+(``--extra data.root=...``); where it is not, their rows say so and nothing is run or made up.
+
+Each method runs as a user would run it, ``python -m src.train method=<m> data=<fashion_mnist|cifar10>
 backbone=convnet trainer.max_epochs=E data.max_train_samples=N seed=S logger=csv
 hydra.run.dir=<out>/<m>`` plus the method's :data:`CPU_OVERRIDES` and ``--extra``, with its output
 tee'd to ``<out>/<m>.log``. The numbers come from each run's own ``results.json`` (its final
@@ -56,6 +59,8 @@ CPU_OVERRIDES: dict[str, list[str]] = {
     "swav": ["method.freeze_prototypes_steps=40", *_WARMUP],
 }
 
+GRAY_DATA, COLOUR_DATA = "fashion_mnist", "cifar10"
+
 ALIASES = {"moco"}  # conf/method/moco.yaml is moco_v2 under another name
 NOTES_HEADING = "## Notes"
 NOTES_MARKER = "<!-- notes: written by hand after the run -->"
@@ -67,9 +72,32 @@ def default_methods() -> list[str]:
     return [m for m in group_options("method") if m not in ALIASES]
 
 
-def run_command(method: str, out: Path, epochs: int, train_samples: int, seed: int, extra: list[str]) -> list[str]:
+def data_for(method: str) -> str:
+    """The dataset a method is measured on: Fashion-MNIST, or CIFAR-10 for methods that need colour."""
+    from hydra.utils import get_class
+
+    target = compose([f"method={method}"]).method._target_
+    return COLOUR_DATA if getattr(get_class(target), "needs_colour", False) else GRAY_DATA
+
+
+def colour_data_missing(extra: list[str]) -> str | None:
+    """Why CIFAR-10 cannot be read offline with the ``data.*`` / ``paths.*`` overrides of ``extra``, or None."""
+    from hydra.utils import instantiate
+
+    keep = [o for o in extra if o.lstrip("+~").startswith(("data.", "paths."))]
+    cfg = compose([f"data={COLOUR_DATA}", *keep, "data.download=false"])
+    try:
+        instantiate(cfg.data).setup("fit")
+    except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, our checks UserError
+        return (f"{COLOUR_DATA} is not on this machine (data.root={cfg.data.root}: "
+                f"{str(e).strip().splitlines()[0][:120]}) and cannot be downloaded offline; no colour data was run")
+    return None
+
+
+def run_command(method: str, out: Path, epochs: int, train_samples: int, seed: int, extra: list[str],
+                data: str = GRAY_DATA) -> list[str]:
     """``python -m src.train ...`` for one method, as a user would type it."""
-    return [sys.executable, "-m", "src.train", f"method={method}", "data=fashion_mnist", "backbone=convnet",
+    return [sys.executable, "-m", "src.train", f"method={method}", f"data={data}", "backbone=convnet",
             f"trainer.max_epochs={epochs}", f"data.max_train_samples={train_samples}", f"seed={seed}",
             "logger=csv", f"hydra.run.dir={out / method}", *CPU_OVERRIDES.get(method, []), *extra]
 
@@ -89,6 +117,8 @@ class MethodRun:
     overrides: list[str]
     results: dict | None = None
     error: str | None = None
+    skipped: str | None = None  # why the method was not run (e.g. no colour data offline)
+    data: str = GRAY_DATA
     reused: bool = False
     process_wall_s: float | None = None
     optimizer: str = "?"
@@ -98,7 +128,7 @@ class MethodRun:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.results is not None
+        return self.error is None and self.skipped is None and self.results is not None
 
 
 def last_error_line(text: str, returncode: int | None = None) -> str:
@@ -289,13 +319,16 @@ def render_markdown(runs: list[MethodRun], baseline: dict | None, meta: dict, no
     bank = ok[0].results.get("eval_train_items") if ok else (baseline or {}).get("bank")
     queries = ok[0].results.get("eval_val_items") if ok else (baseline or {}).get("queries")
     split = ok[0].results.get("eval_val_split", "test") if ok else "test"
-    per_method = "; ".join(f"`{r.method}`: {r.optimizer}, views `{r.views}`" for r in runs)
+    per_method = "; ".join(f"`{r.method}`: {r.optimizer}, views `{r.views}`" for r in runs if not r.skipped)
     raw_knn = baseline["knn_top1"] if baseline else None
+    gray = [r for r in runs if r.data == GRAY_DATA]
+    colour = [r for r in runs if r.data != GRAY_DATA]
+    colour_note = f" (methods that need colour images: on {COLOUR_DATA}, see the last table)" if colour else ""
     lines = [
         "# Representation quality on Fashion-MNIST (CPU budget)",
         "",
-        f"Every joint-embedding method was pre-trained from scratch, one after another on the same machine, "
-        f"on real Fashion-MNIST with the same backbone (`convnet`, 32/64/128 channels, 128-d features) and the "
+        f"Every method was pre-trained from scratch, one after another on the same machine, "
+        f"on real Fashion-MNIST{colour_note} with the same backbone (`convnet`, 32/64/128 channels, 128-d features) and the "
         f"same budget: {epochs} epoch{'s' if epochs != 1 else ''} over a fixed random subset of {n:,} training images (seed {seed}), i.e. "
         f"{epochs * n:,} images seen, batch size {batch} ({n // batch} steps per epoch), fp32 on the CPU. "
         f"Each method keeps its own optimiser (from its yaml; the learning rate is scaled by batch/256 where "
@@ -314,28 +347,22 @@ def render_markdown(runs: list[MethodRun], baseline: dict | None, meta: dict, no
         "",
         f"Date: {meta['date']} · commit: `{meta['commit']}` · machine: {meta['machine']}",
         "",
-        "| method | kNN top-1 | linear top-1 | random kNN | random linear | beats random (kNN and linear) "
-        "| beats raw-pixel kNN | train img/s | wall (s) |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
+        *_table(gray, raw_knn),
+        "",
+        "train img/s: training images (not views) per second, training steps only; wall: the run's "
+        "`wall_time_s`, from training set-up to the end of the final evaluation; pretext acc: the training "
+        "accuracy of a classification pretext task (rotation, patch location, jigsaw), mean over the last epoch.",
     ]
-    for run in runs:
-        if not run.ok:
-            lines.append(f"| {run.method} | **failed**: {_md(run.error or '?')} | — | — | — | — | — | — | — |")
-            continue
-        r = run.results
-        rand, raw = verdicts(run, raw_knn)
-        lines.append(f"| {run.method} | {_num(r['knn_top1'])} | {_num(r['linear_top1'])} "
-                     f"| {_num(r['random_knn_top1'])} | {_num(r['random_linear_top1'])} | {rand} | {raw} "
-                     f"| {_num(r.get('train_images_per_s'), '.0f')} | {_num(r.get('wall_time_s'), '.0f')} |")
-    lines += ["", "train img/s: training images (not views) per second, training steps only; wall: the run's "
-              "`wall_time_s`, from training set-up to the end of the final evaluation.", "",
+    if colour:
+        lines += ["", f"## Methods that need colour images ({COLOUR_DATA})", "", *_table(colour, None)]
+    lines += ["",
               "Overrides of each run (after `python -m src.train`, besides `hydra.run.dir=<out>/<method>`):", ""]
     for run in runs:
         cpu = CPU_OVERRIDES.get(run.method, [])
         cpu_txt = " ".join(f"`{o}`" for o in cpu) if cpu else "none"
         reused = " (result reused from an earlier run of the same budget)" if run.reused else ""
         lines.append(f"- **{run.method}**: `{' '.join(run.overrides)}`; CPU-budget overrides: {cpu_txt}{reused}")
-    lines += ["", "## Raw-pixel baselines", ""]
+    lines += ["", "## Raw-pixel baselines (Fashion-MNIST)", ""]
     if baseline:
         lines += [
             f"- kNN on raw pixels, same protocol as the runs (pixels normalised with mean {baseline['mean']} / "
@@ -355,12 +382,31 @@ def render_markdown(runs: list[MethodRun], baseline: dict | None, meta: dict, no
     return "\n".join(lines)
 
 
+def _table(runs: list[MethodRun], raw_knn: float | None) -> list[str]:
+    lines = ["| method | kNN top-1 | linear top-1 | random kNN | random linear | beats random (kNN and linear) "
+             "| beats raw-pixel kNN | train img/s | wall (s) | pretext acc |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+    for run in runs:
+        if not run.ok:
+            why = f"not run: {run.skipped}" if run.skipped else f"**failed**: {run.error or '?'}"
+            lines.append(f"| {run.method} | {_md(why)} | — | — | — | — | — | — | — | — |")
+            continue
+        r = run.results
+        rand, raw = verdicts(run, raw_knn)
+        lines.append(f"| {run.method} | {_num(r['knn_top1'])} | {_num(r['linear_top1'])} "
+                     f"| {_num(r['random_knn_top1'])} | {_num(r['random_linear_top1'])} | {rand} | {raw} "
+                     f"| {_num(r.get('train_images_per_s'), '.0f')} | {_num(r.get('wall_time_s'), '.0f')} "
+                     f"| {_num(r.get('pretext_acc'))} |")
+    return lines
+
+
 def format_stdout_table(runs: list[MethodRun], baseline: dict | None) -> str:
     head = f"{'method':<14} {'kNN':>6} {'linear':>6} {'rndKNN':>6} {'rndLin':>6} {'img/s':>6} {'wall s':>6}  status"
     lines = [head, "-" * len(head)]
     for run in runs:
         r = run.results or {}
-        status = "ok (reused)" if run.ok and run.reused else "ok" if run.ok else f"FAILED: {run.error}"
+        status = ("ok (reused)" if run.ok and run.reused else "ok" if run.ok
+                  else f"not run: {run.skipped}" if run.skipped else f"FAILED: {run.error}")
         lines.append(f"{run.method:<14} {_num(r.get('knn_top1')):>6} {_num(r.get('linear_top1')):>6} "
                      f"{_num(r.get('random_knn_top1')):>6} {_num(r.get('random_linear_top1')):>6} "
                      f"{_num(r.get('train_images_per_s'), '.0f'):>6} {_num(r.get('wall_time_s'), '.0f'):>6}  {status}")
@@ -436,10 +482,17 @@ def main(argv: list[str] | None = None) -> int:
               f"Euclidean {EUCLID_K}-NN {baseline['euclid_top1']:.2f} ({baseline['euclid_s']} s)", flush=True)
 
     runs = []
+    colour_missing = None
     for m in methods:
-        cmd = run_command(m, args.out, args.epochs, args.train_samples, args.seed, args.extra)
+        data = data_for(m)
+        cmd = run_command(m, args.out, args.epochs, args.train_samples, args.seed, args.extra, data)
+        if data != GRAY_DATA and (colour_missing := colour_missing or colour_data_missing(args.extra)):
+            runs.append(MethodRun(m, overrides_of(cmd), skipped=colour_missing, data=data))
+            print(f"[quality] {m}: not run: {colour_missing}", flush=True)
+            continue
         budget = budget_record(args.epochs, args.train_samples, args.seed, overrides_of(cmd))
         run = run_method(cmd, m, args.out, budget, args.reuse)
+        run.data = data
         describe_method(run)
         runs.append(run)
         print(f"[quality] {m}: {'ok' if run.ok else 'FAILED: ' + str(run.error)}", flush=True)
@@ -448,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(render_markdown(runs, baseline, meta, notes))
     print("\n" + format_stdout_table(runs, baseline) + f"\n\nwritten: {args.results}", flush=True)
-    failed = [r.method for r in runs if not r.ok]
+    failed = [r.method for r in runs if not r.ok and not r.skipped]
     if failed:
         print(f"failed: {', '.join(failed)} (logs: {args.out}/<method>.log)", file=sys.stderr)
         return 1

@@ -41,6 +41,12 @@ class PretextTask(SSLMethod):
 
     min_global_batch = 1
     min_views = 1
+    needs_colour = False  # colorization and split-brain predict colour from lightness: RGB data only
+
+    @classmethod
+    def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
+        problems = super().config_problems(cfg, global_batch, num_views)
+        return problems + (colour_problems(cls, cfg) if cls.needs_colour else [])
 
     def images(self, views: list[torch.Tensor]) -> torch.Tensor:
         """The global views as one batch (B' x C x S x S, normalised): more than one view per image only
