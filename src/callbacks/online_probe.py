@@ -81,6 +81,8 @@ class OnlineLinearProbe(L.Callback):
             with torch.enable_grad():
                 logits = self.probe(feats.flatten(1).float())
                 F.cross_entropy(logits, labels).backward()
+            if self._seen is None:  # a mid-epoch resume skips on_train_epoch_start
+                self.on_train_epoch_start(trainer, pl_module)
             self._correct += (logits.detach().argmax(1) == labels).sum()
             self._seen += labels.numel()
         if distributed:  # every rank reaches this point on every batch, so the collective cannot hang
@@ -130,6 +132,7 @@ class OnlineLinearProbe(L.Callback):
             "probe": self.probe.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "metrics": dict(self.metrics),
+            "epoch_counts": [int(self._correct or 0), int(self._seen or 0)],  # this epoch's accuracy so far
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -141,4 +144,6 @@ class OnlineLinearProbe(L.Callback):
         self.probe.load_state_dict(state_dict["probe"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.metrics = dict(state_dict.get("metrics", {}))
+        correct, seen = state_dict.get("epoch_counts", (0, 0))
+        self._correct, self._seen = (torch.tensor(v, device=self.probe.weight.device) for v in (correct, seen))
         self._pending_state = None

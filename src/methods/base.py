@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from src.nn.ema import update_momentum
@@ -56,6 +56,9 @@ def decay_groups(params, **options) -> list[dict]:
     return [{"params": decay, **options}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **options}]
 
 
+NONFINITE = ("stop", "skip")
+
+
 class NonFiniteLossError(UserError):
     """Raised when the loss is NaN/inf; the last good checkpoint stays untouched."""
 
@@ -64,15 +67,18 @@ class SSLMethod(L.LightningModule):
     def __init__(self, backbone: nn.Module, views: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  warmup_epochs: float = 10, min_lr_ratio: float = 0.0, lr_scaling: str = "linear",
                  reference_batch_size: int = 256, momentum: float = 0.996, momentum_end: float | None = None,
-                 weight_decay_end: float | None = None, channels_last: bool = False):
+                 weight_decay_end: float | None = None, channels_last: bool = False, nonfinite_loss: str = "stop"):
         super().__init__()
         if lr_scaling not in {"linear", "sqrt", "none"}:
             raise UserError(f"method.lr_scaling={lr_scaling!r}; allowed: linear, sqrt, none")
+        if nonfinite_loss not in NONFINITE:
+            raise UserError(f"nonfinite_loss={nonfinite_loss!r}; allowed: {', '.join(NONFINITE)}")
         self.save_hyperparameters(ignore=["backbone", "views", "optimizer"])
         self.backbone = backbone
         self.views = views
         self.optimizer_factory = optimizer
-        self._ema_step = 0
+        self.skipped_steps = 0  # steps dropped for a non-finite loss (nonfinite_loss=skip); checkpointed
+        self._skipping = False
 
     # ---- what a method writes -------------------------------------------------------------------
     def training_loss(self, views: list[torch.Tensor]):
@@ -118,22 +124,33 @@ class SSLMethod(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        skip = self.hparams.nonfinite_loss == "skip"  # then a skipped step must leave no trace in the buffers
+        saved = [b.detach().clone() for b in self.buffers()] if skip else []  # BatchNorm statistics, queues, ...
         out = self.training_loss(batch["views"])
         loss, logs = out if isinstance(out, tuple) else (out, {})
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
-            raise NonFiniteLossError(f"non-finite loss {float(loss)} at step {self.global_step}"
-                                     + (f" ({terms})" if terms else "") + "; lower method.optimizer.lr or "
-                                     "check the data; the last good checkpoint is kept")
         bs = batch["image"].shape[0]
+        # every rank takes the same decision (a rank that skipped its backward alone would hang DDP)
+        self._skipping = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        if self._skipping:
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+            where = f"non-finite loss {float(loss)} at step {self.global_step}" + (f" ({terms})" if terms else "")
+            if self.hparams.nonfinite_loss == "stop":
+                raise NonFiniteLossError(f"{where}; lower method.optimizer.lr or check the data (or set "
+                                         "nonfinite_loss=skip); the last good checkpoint is kept")
+            with torch.no_grad():
+                for buffer, value in zip(self.buffers(), saved, strict=True):
+                    buffer.copy_(value)
+            self.skipped_steps += 1
+            rank_zero_warn(f"{where}: step skipped ({self.skipped_steps} so far)")
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=bs)
+            return None  # Lightning runs no backward; the optimizer finds no gradients and changes nothing
+
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in logs.items():  # a pretext task's accuracy is also averaged over each epoch (for results)
-            self.log(f"train/{k}", v, batch_size=bs, on_epoch=k == "pretext_acc")
+            epoch = k == "pretext_acc"
+            self.log(f"train/{k}", v, batch_size=bs, on_epoch=epoch, sync_dist=epoch)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
-
-    def on_train_start(self) -> None:
-        self._ema_step = self.trainer.global_step
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Cosine weight-decay schedule (DINO): ``weight_decay`` -> ``weight_decay_end`` over training."""
@@ -149,16 +166,18 @@ class SSLMethod(L.LightningModule):
         for p in self.frozen_parameters():
             p.grad = None
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """EMA once per optimizer step: global_step only moves when the optimizer stepped."""
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """EMA right after each optimizer step (only called at accumulation boundaries), so that it is part of
+        the step: a checkpoint written at the end of the batch holds the updated targets."""
+        step = self.trainer.global_step  # optimizer steps before this one
+        super().optimizer_step(*args, **kwargs)  # runs training_step (the closure)
         pairs = self.momentum_pairs()
-        if not pairs or self.trainer.global_step == self._ema_step:
+        if not pairs or self._skipping:
             return
-        m = self.ema_momentum(self.trainer.global_step - 1)
+        m = self.ema_momentum(step)
         for online, target in pairs:
             update_momentum(online, target, m)
-        self._ema_step = self.trainer.global_step
-        self.log("train/ema_momentum", m, batch_size=batch["image"].shape[0])
+        self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 
     def ema_momentum(self, step: int) -> float:
         """Constant ``momentum``, or cosine from ``momentum`` to ``momentum_end`` over training (BYOL)."""
@@ -166,6 +185,12 @@ class SSLMethod(L.LightningModule):
             return self.hparams.momentum
         return cosine_schedule(step, self.trainer.estimated_stepping_batches, self.hparams.momentum,
                                self.hparams.momentum_end)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     # ---- optimizer ------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -1,0 +1,162 @@
+"""What makes a resumed run continue exactly: ``last.ckpt`` after every N epochs, RNG states in every
+checkpoint, and a clean stop on signals.
+
+:class:`LastCheckpoint` writes ``<run>/checkpoints/last.ckpt`` at the end of every ``every_n_epochs``-th
+epoch and of the last one (through the trainer's checkpoint IO, which writes atomically), after every
+other callback has updated its state for the epoch.
+:class:`RNGState` saves the torch (CPU and CUDA), numpy and Python RNG states of every rank with each
+checkpoint and puts them back when training resumes, so the random views after a resume are the ones an
+uninterrupted run would have drawn. :class:`Preemption` turns SIGTERM (a cluster's pre-emption),
+SIGINT (Ctrl-C) and SIGUSR1/SIGUSR2 (SLURM's ``--signal`` warning) into a checkpoint at the end of the
+current batch, then stops the run with :class:`RunInterrupted`.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from src.utils.errors import RunInterrupted
+
+CAUGHT_SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # SIGTERM: Lightning's handler sets received_sigterm
+
+
+def _rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+class LastCheckpoint(Checkpoint):
+    """Lightning runs ``Checkpoint`` callbacks after all others, so the saved state is the epoch's final one."""
+
+    def __init__(self, path: str | Path, every_n_epochs: int = 1):
+        if every_n_epochs < 1:
+            raise ValueError(f"checkpoint.every_n_epochs={every_n_epochs} must be >= 1")
+        self.path, self.every_n_epochs = str(path), every_n_epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs == 0 or epoch >= trainer.max_epochs or trainer.should_stop:
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume
+
+
+class RNGState(L.Callback):
+    """Checkpoints hold ``{"ranks": [state of rank 0, rank 1, ...]}``; a resumed rank r takes entry r."""
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = _rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states: list = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)  # every rank dumps the checkpoint, so all take part
+            return {"ranks": states}
+        return {"ranks": [state]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After every set-up step that draws random numbers, just before the first resumed batch."""
+        if self._pending is None:
+            return
+        ranks = self._pending["ranks"]
+        _set_rng_state(ranks[trainer.global_rank if trainer.global_rank < len(ranks) else 0])
+        self._pending = None
+
+
+class DataPosition(L.Callback):
+    """Checkpoints hold the epoch and how many batches of it the loop has processed; a mid-epoch resume makes
+    the training loader's :class:`~src.data.sampler.EpochSampler` skip those samples. (Lightning's own
+    stateful-loader restore does not reach a loader that was set up early for ``estimated_stepping_batches``.)"""
+
+    def __init__(self):
+        self._trainer: L.Trainer | None = None
+        self._pending: dict | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, int]:
+        t = self._trainer
+        if t is None:
+            return {}
+        return {"epoch": t.current_epoch, "batches": t.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._pending = state_dict or None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if self._pending is not None and hasattr(getattr(loader, "sampler", None), "skip_once"):
+            loader.sampler.skip_once(self._pending["epoch"], self._pending["batches"] * loader.batch_size)
+        self._pending = None
+
+
+class Preemption(L.Callback):
+    """On a caught signal, every rank finishes its batch, ``last.ckpt`` is written (atomically) and the run
+    stops with :class:`RunInterrupted`; ``resume=auto`` continues it from that batch."""
+
+    def __init__(self, checkpoint_path: str | Path):
+        self.checkpoint_path = str(checkpoint_path)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for sig in CAUGHT_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        received = self.received or (signal.SIGTERM if getattr(trainer, "received_sigterm", False) else None)
+        if not trainer.strategy.reduce_boolean_decision(received is not None, all=False):
+            return
+        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+        self._restore_handlers()
+        name = signal.Signals(received).name if received else "a signal on another rank"
+        raise RunInterrupted(received or signal.SIGTERM,
+                             f"stopped by {name} after step {trainer.global_step} (epoch {trainer.current_epoch}); "
+                             f"checkpoint saved to {self.checkpoint_path}; run the same command with resume=auto "
+                             "to continue")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Lightning raises SIGTERMException itself when SIGTERM lands after this batch's check: the batch is
+        complete, so save here too (one process only: the other ranks may not be here to take part)."""
+        self._restore_handlers()
+        if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)

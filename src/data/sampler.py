@@ -1,0 +1,65 @@
+"""The pre-training order: reproducible per epoch and resumable mid-epoch.
+
+:class:`EpochSampler` shuffles from ``(seed, epoch)`` alone, not from the global RNG, so a resumed run
+sees the same order as an uninterrupted one; under DDP it gives each rank its own slice of the same
+permutation (Lightning's sampler replacement is off: ``use_distributed_sampler=False`` in train.py).
+On a mid-epoch resume, :class:`src.callbacks.resume.DataPosition` tells it how many samples of the epoch
+to skip (without loading them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation of ``range(n)`` drawn from ``seed`` and the epoch (``set_epoch``, which Lightning
+    calls every epoch), truncated to a multiple of the world size and split round-robin between ranks."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+        self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank to skip), used once
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_once(self, epoch: int, samples: int) -> None:
+        """The next pass over ``epoch`` starts ``samples`` samples (of this rank) in."""
+        self._resume = (epoch, samples)
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = torch.randperm(self.n, generator=g)
+        rank, world = _rank_world()
+        return order[: self.n - self.n % world][rank::world].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        idx = self.indices()
+        if self._resume is not None:
+            epoch, skip = self._resume
+            if epoch == self.epoch:
+                idx = idx[skip:]
+            if epoch <= self.epoch:  # an earlier epoch: Lightning's set-up pass before set_epoch; keep waiting
+                self._resume = None
+        return iter(idx)
+
+    def __len__(self) -> int:
+        return self.n // _rank_world()[1]
+
+
+def epoch_loader(dataset, batch_size: int, seed: int, **kwargs) -> DataLoader:
+    """A ``DataLoader`` over an :class:`EpochSampler`. It gets its own generator: creating an iterator draws a
+    worker base seed, which must not come from (and shift) the global RNG the views use, or a resumed run
+    would draw other views than an uninterrupted one."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed),
+                      generator=torch.Generator().manual_seed(seed % 2**63), **kwargs)

@@ -1,0 +1,151 @@
+"""`python -m src.eval CKPT [overrides]`: evaluate a saved checkpoint's frozen representation.
+
+The checkpoint's own run config (``<run>/.hydra/overrides.yaml``, two folders up from ``CKPT``) is
+composed first, then the overrides (e.g. ``data=...`` or ``eval.final.k=20``). The file is loaded safely
+(``torch.load(weights_only=True)``: tensors and plain values only, nothing is executed), the method is
+built from the config and its weights must match the checkpoint exactly; a checkpoint of another
+backbone or method is one clear line. The evaluation is the run's final one (weighted kNN and a linear
+probe, from ``eval.final``); results go to stdout and to ``CKPT`` + ``.eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from src.callbacks.features import extract_features_with
+from src.nn.knn import knn_top1
+from src.nn.linear_probe import train_linear_probe
+from src.utils.config import compose
+from src.utils.errors import UserError
+from src.utils.preflight import fail, problems_for
+from src.utils.results import format_table
+
+USAGE = "usage: python -m src.eval path/to/last.ckpt [overrides such as data=... backbone=...]"
+
+
+def run_overrides(ckpt: Path) -> list[str]:
+    """The command-line overrides the checkpoint's run was started with ([] without a run folder); a group
+    chosen again on the command line (e.g. ``backbone=resnet18``) drops the run's settings of that group."""
+    saved = ckpt.resolve().parent.parent / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return []
+    skip = ("resume=", "ckpt_path=", "hydra.", "+eval.")  # continuation and test-only keys are not the model
+    return [o for o in OmegaConf.load(saved) if not str(o).startswith(skip)]
+
+
+def run_choice(ckpt: Path, group: str) -> str | None:
+    """Which option of ``group`` the checkpoint's run used (from its .hydra/hydra.yaml), if known."""
+    hydra_yaml = ckpt.resolve().parent.parent / ".hydra" / "hydra.yaml"
+    try:
+        return str(OmegaConf.load(hydra_yaml).hydra.runtime.choices[group])
+    except Exception:  # noqa: BLE001 - no run folder, or an older layout
+        return None
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a readable checkpoint (not a torch.save archive); pass a last.ckpt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" such as {found.group(1)}" if found else ""
+        raise UserError(f"{path} holds Python objects{what} besides tensors and plain values, so it is not loaded "
+                        "(safe loading, weights_only=True); only checkpoints of this framework are evaluated") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:100]})") from e
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise UserError(f"{path} is not a checkpoint of this framework (no state_dict); pass a last.ckpt")
+    return state
+
+
+def weight_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], prefix: str) -> str | None:
+    """A description of how ``found`` differs from ``expected`` under ``prefix`` (None when they match)."""
+    want = {k: tuple(v.shape) for k, v in expected.items() if k.startswith(prefix)}
+    got = {k: tuple(v.shape) for k, v in found.items() if k.startswith(prefix)}
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    shapes = [f"{k} {got[k]} instead of {want[k]}" for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
+    if not (missing or extra or shapes):
+        return None
+    parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+    parts += [f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else []
+    parts += [f"{len(shapes)} of another shape (e.g. {shapes[0]})"] if shapes else []
+    return ", ".join(parts)
+
+
+def evaluate(ckpt: Path, overrides: list[str]) -> dict:
+    if not ckpt.is_file():
+        raise UserError(f"{ckpt} is not a file; pass the path of a checkpoint such as outputs/<run>/checkpoints/last.ckpt")
+    groups = {o.split("=", 1)[0] for o in overrides if "=" in o and "." not in o.split("=", 1)[0]}
+    saved = [o for o in run_overrides(ckpt) if o.split("=", 1)[0].split(".")[0].lstrip("+~") not in groups]
+    state = load_checkpoint(ckpt)  # before any config problem: a bad file is the first thing to report
+    problems = problems_for([*saved, *overrides])
+    if problems:
+        raise UserError("\n".join(problems))
+    cfg = compose([*saved, *overrides])
+    torch.manual_seed(cfg.seed)
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+    expected, found = method.state_dict(), state["state_dict"]
+    choice = OmegaConf.to_container(cfg.backbone)["_target_"].rsplit(".", 1)[-1]
+    if problem := weight_mismatch(expected, found, "backbone."):
+        trained = run_choice(ckpt, "backbone")
+        hint = f"its run used backbone={trained}; pass that" if trained else "pass the backbone it was trained with"
+        raise UserError(f"{ckpt} does not hold a {choice} backbone of this configuration: its backbone weights are "
+                        f"{problem}; {hint} (and the run's backbone.* settings)")
+    if problem := weight_mismatch(expected, found, ""):
+        raise UserError(f"{ckpt} does not match method {type(method).__name__} as configured: {problem}; pass the "
+                        "method= and method.* settings of its run")
+    method.load_state_dict(found, strict=True)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    method.to(device).eval()
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    if not dm.has_labels:
+        raise UserError(f"data={dm.name} has no labels here, so there is nothing to evaluate against")
+    final = cfg.eval.get("final") or compose(["eval=default"]).eval.final
+    start = time.time()
+    train = extract_features_with(method, method.views, dm.eval_train_dataloader(), device, final.max_train_items)
+    val = extract_features_with(method, method.views, dm.eval_val_dataloader(), device, final.max_val_items)
+    (tx, ty), (vx, vy) = [(f.to(device), y.to(device)) for f, y in (train, val)]
+    linear = train_linear_probe(tx, ty, vx, vy, dm.num_classes, final.linear_epochs, seed=cfg.seed)
+    choices = compose([*saved, *overrides], return_hydra_config=True).hydra.runtime.choices
+    names = {group: choices.get(group) for group in ("method", "backbone", "data")}
+    return {"checkpoint": str(ckpt), **names, "epochs": state.get("epoch"), "global_step": state.get("global_step"),
+            "knn_top1": round(knn_top1(tx, ty, vx, vy, dm.num_classes, final.k, final.temperature), 2),
+            "linear_top1": round(linear["top1"], 2), "linear_top5": round(linear["top5"], 2),
+            "eval_train_split": dm.eval_split_names[0], "eval_val_split": dm.eval_split_names[1],
+            "eval_train_items": int(tx.shape[0]), "eval_val_items": int(vx.shape[0]),
+            "wall_time_s": round(time.time() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        fail([USAGE])
+    ckpt = Path(argv[0])
+    try:
+        results = evaluate(ckpt, argv[1:])
+    except UserError as e:
+        fail(str(e).splitlines())
+    out = ckpt.with_name(ckpt.name + ".eval.json")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out)
+    print(format_table(results) + f"\n\nresults: {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`python -m src.eval CKPT`: safe loading, a clear line for the wrong backbone, the run's own numbers back."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, "-m", "src.eval", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def one_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    proc = run_cli("data=digits", "backbone.width=8", "data.batch_size=128", "trainer.max_epochs=1",
+                   "method.warmup_epochs=0", "eval=final_only", "eval.final.linear_epochs=10",
+                   "eval.final.random_baseline=false", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_a_checkpoint_evaluates_to_its_runs_own_numbers(run_dir):
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = run_eval(str(ckpt))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((run_dir / "checkpoints" / "last.ckpt.eval.json").read_text())
+    want = json.loads((run_dir / "results.json").read_text())
+    assert (got["knn_top1"], got["linear_top1"]) == (want["knn_top1"], want["linear_top1"])
+    assert got["method"] == "simclr" and got["data"] == "digits" and "kNN top-1 (%)" in proc.stdout
+
+
+def test_the_wrong_backbone_is_one_line_naming_the_right_one(run_dir):
+    line = one_error(run_eval(str(run_dir / "checkpoints" / "last.ckpt"), "backbone=resnet18"))
+    assert "does not hold a ResNet backbone" in line and "its run used backbone=convnet" in line
+
+
+def test_the_wrong_width_is_one_line(run_dir):
+    line = one_error(run_eval(str(run_dir / "checkpoints" / "last.ckpt"), "backbone.width=16"))
+    assert "of another shape" in line
+
+
+def test_an_unsafe_checkpoint_is_refused_without_running_its_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, path)
+    line = one_error(run_eval(str(path)))
+    assert "not loaded (safe loading, weights_only=True)" in line
+    assert not marker.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_text("hello")
+    assert "is not a readable checkpoint" in one_error(run_eval(str(path)))
+    assert "is not a file" in one_error(run_eval(str(tmp_path / "missing.ckpt")))
