@@ -16,14 +16,18 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from src.callbacks.data_health import DataHealth
+from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption, RNGState
 from src.callbacks.throughput import ThroughputMonitor
+from src.utils.checkpointing import AtomicCheckpointIO, check_resume_value, resumable_runs
 from src.utils.checks import check_config
-from src.utils.config import CONF_DIR
-from src.utils.errors import UserError
+from src.utils.config import CONF_DIR, compose
+from src.utils.errors import RunInterrupted, UserError
 from src.utils.loggers import build_loggers
 from src.utils.preflight import fail, preflight
 from src.utils.results import format_table, write_results
@@ -32,6 +36,7 @@ from src.utils.results import format_table, write_results
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")  # DataPosition resumes it
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
@@ -47,20 +52,26 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
                                                                 views=instantiate(cfg.views))
             kwargs["seed"] = cfg.seed
         callbacks.append(instantiate(cb_cfg, **kwargs))
-    callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                     every_n_epochs=cfg.checkpoint.every_n_epochs))
+    callbacks.append(DataHealth())  # after the evaluation: it also counts files skipped while evaluating
+    last = run_dir / "checkpoints" / "last.ckpt"
+    callbacks += [RNGState(), DataPosition(), Preemption(last), LastCheckpoint(last, cfg.checkpoint.every_n_epochs)]
     return callbacks
 
 
 def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
     check_config(cfg)
+    check_resume_value(cfg.get("resume"))
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views),
+                         nonfinite_loss=cfg.nonfinite_loss)
     callbacks = build_callbacks(cfg, run_dir)
     loggers = build_loggers(cfg.logger, run_dir, "_".join(str(v) for v in names.values()))
-    trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir)
+    # checkpoints are written atomically; the data order comes from (seed, epoch) and each rank takes its own
+    # slice of it (src/data/sampler.py), so Lightning's sampler replacement is off
+    trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
+                        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -72,6 +83,8 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
         results.update(getattr(cb, "results", {}) or {})
         metrics = getattr(cb, "metrics", {}) or {}
         results.update({k.replace("eval/", "last_"): v for k, v in metrics.items()})  # per-epoch monitors
+    if method.skipped_steps:
+        results["skipped_steps"] = method.skipped_steps
     if "train/pretext_acc_epoch" in trainer.callback_metrics:  # rotation, patch location, jigsaw: last epoch's mean
         results["pretext_acc"] = round(100 * float(trainer.callback_metrics["train/pretext_acc_epoch"]), 2)
     results["wall_time_s"] = round(time.time() - start, 1)
@@ -90,6 +103,10 @@ def _discard_if_empty(run_dir: Path) -> None:
     if any(p.is_file() and p.suffix in {".ckpt", ".json", ".csv"} for p in run_dir.rglob("*")):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
+    try:  # and its outputs/<method>_<backbone>_<data>/ parent when nothing else is in it
+        run_dir.parent.rmdir()
+    except OSError:
+        pass
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -99,14 +116,53 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     names = {k: hc.runtime.choices.get(k) for k in ("method", "backbone", "data")}
     try:
         results = train(cfg, run_dir, names)
-    except UserError as e:
+    except (UserError, InstantiationException) as e:
+        if not isinstance(e, UserError) and not isinstance(e.__cause__, UserError):
+            raise
         _discard_if_empty(run_dir)
-        fail(str(e).splitlines())
+        fail(str(e if isinstance(e, UserError) else e.__cause__).splitlines())
+    except (RunInterrupted, SIGTERMException) as e:
+        signum = getattr(e, "signum", 15)
+        message = str(e) or f"stopped by SIGTERM; checkpoint saved to {run_dir / 'checkpoints' / 'last.ckpt'}"
+        print(f"interrupted: {message}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
     return results.get("knn_top1")  # the value sweepers optimise
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_arguments(argv: list[str]) -> list[str]:
+    """``resume=auto``: the run folder and ``last.ckpt`` of the newest run of the same config (searched in
+    ``hydra.run.dir`` when given, else under ``outputs/``) are added to ``argv``; none found: a fresh run."""
+    if not any(a.startswith("resume=") for a in argv):
+        return argv
+    if "-m" in argv or "--multirun" in argv:
+        fail(["resume=auto continues one run; it cannot be combined with -m (resume each job of the sweep "
+              "with its own hydra.run.dir instead)"])
+    cfg = compose([a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))])
+    if cfg.get("resume") != "auto":
+        return argv
+    given = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
+    search = Path(given[-1]) if given else Path("outputs")
+    runs = resumable_runs(cfg, search) if search.exists() else []
+    if not runs:
+        print(f"resume=auto: no run of this config with a checkpoint under {search}; starting a new run", flush=True)
+        return argv
+    run = runs[0]
+    results, ckpt = run / "results.json", run / "checkpoints" / "last.ckpt"
+    if results.is_file() and results.stat().st_mtime >= ckpt.stat().st_mtime:
+        print(f"resume=auto: {run} already finished; its results are in {results}", flush=True)
+        sys.exit(0)
+    print(f"resume=auto: continuing {run} from {ckpt}", flush=True)
+    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "ckpt_path="))]
+    return [*kept, f"hydra.run.dir={_quote(str(run))}", f"ckpt_path={_quote(str(ckpt))}"]
 
 
 def main() -> None:
     preflight(sys.argv[1:])
+    sys.argv = [sys.argv[0], *resume_arguments(sys.argv[1:])]
     hydra_entry()
 
 

@@ -31,6 +31,26 @@ def test_tiny_run_writes_results(tmp_path):
     assert "train/loss" in metrics and "eval/knn_top1" in metrics and "eval/online_val_top1" in metrics
 
 
+def test_pretext_runs_draw_pictures_and_report_pretext_accuracy(tmp_path):
+    from PIL import Image
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "method=rotation,inpainting", *TINY, "eval=final_only", "eval.final.linear_epochs=5",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rotation,), (inpainting,) = sorted(sweep.glob("*rotation*")), sorted(sweep.glob("*inpainting*"))
+    results = json.loads((rotation / "results.json").read_text())
+    assert 25.0 < results["pretext_acc"] <= 100.0  # 4 rotations: chance is 25%
+    assert results["random_knn_top1"] > 10.0  # the random baseline is a fresh rotation model
+    assert not (rotation / "pictures").exists()
+    pictures = sorted((inpainting / "pictures").glob("*.png"))
+    assert [p.name for p in pictures] == ["epoch_0002.png"]  # eval=final_only: the last epoch only
+    width, height = Image.open(pictures[0]).size
+    side = (width - 2) // 8 - 2  # 8 digits side by side, 2 px padding
+    assert side >= 8 and height == 3 * (side + 2) + 2  # rows: input / prediction / target
+    assert "pretext_acc" not in json.loads((inpainting / "results.json").read_text())
+
+
 def test_multirun_writes_one_result_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "method=simclr,moco_v2", *TINY, "trainer.max_epochs=1",
@@ -41,8 +61,14 @@ def test_multirun_writes_one_result_per_job(tmp_path):
     assert {json.loads(p.read_text())["method"] for p in results} == {"simclr", "moco_v2"}
 
 
+SECRET = "4f0c1d2e3b4a59687766554433221100ffeeddcc"  # 40 characters, like a W&B API key
+IMAGES = "{images}"  # in BAD_INPUTS: a folder the test builds from IMAGE_TREES[case]
+STRICT = ["data=imagefolder", f"data.root={IMAGES}", "data.labelled=false", "data.val_dir=null", "data.image_size=8",
+          "data.crop_size=8", "data.batch_size=4", "data.num_workers=2", "data.skip_bad_images=false",
+          "backbone.width=8", "eval=none", "trainer.max_epochs=1"]  # one batch of 4 holds the broken file
+
 BAD_INPUTS = {
-    "unknown method": (["method=mocoo"], "unknown method 'mocoo'; available: barlow_twins, byol, dino, moco, moco_v1"),
+    "unknown method": (["method=mocoo"], "unknown method 'mocoo'; available: barlow_twins, byol, "),
     "unknown backbone": (["backbone=resnet7"], "unknown backbone 'resnet7'"),
     "unknown dataset": (["data=mnist2"], "unknown data 'mnist2'"),
     "missing dataset root": (["method=moco", "data=imagenet"], "data.root is not set"),
@@ -60,20 +86,96 @@ BAD_INPUTS = {
     "typo in a key": (["method.temprature=0.1"], "unknown config key 'method.temprature'; did you mean 'method.temperature'?"),
     "gpu without a gpu": (["hardware=gpu"], "needs a CUDA GPU but none is visible"),
     "missing checkpoint to resume": (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt is not a file"),
+    "colorization on grayscale data": (["method=colorization"],
+                                       "needs colour (RGB) images but data=fashion_mnist has data.channels=1"),
+    "split-brain on grayscale data": (["method=split_brain", "data=digits"],
+                                      "needs colour (RGB) images but data=digits has data.channels=1"),
+    "jigsaw grid larger than the crop": (["method=jigsaw", "data=digits"], "needs views.crops[0].size >= "),
+    "patch grid larger than the crop": (["method=relative_patch", "data=digits"], "needs views.crops[0].size >= "),
+    # keys and types against the code (src/utils/schema.py)
+    "wrong type for an integer": (["data.batch_size=abc"], "data.batch_size='abc': expected an integer, got a string"),
+    "wrong type for a flag": (["trainer.benchmark=fast"], "trainer.benchmark='fast': expected true or false or null"),
+    "value outside the allowed literals": (["trainer.precision=15"], "trainer.precision=15: expected one of 64, 32, 16"),
+    "unknown key added with +": (["+method.temprature=0.1"],
+                                 "method.temprature: not a parameter of SimCLR; did you mean method.temperature?"),
+    "unknown trainer key added with +": (["+trainer.max_epoch=3"],
+                                         "trainer.max_epoch: not a parameter of lightning.Trainer; did you mean "
+                                         "trainer.max_epochs?"),
+    "unknown crop key added with +": (["+views.crops.0.blurp=0.5"], "did you mean views.crops.0.blur_p?"),
+    "unknown top-level key added with +": (["+seeed=1"], "seeed: not a config key; did you mean seed?"),
+    "key the framework sets": (["+trainer.logger=false"], "trainer.logger: set by the framework, not by the config"),
+    "secret in the config": (["logger=wandb", f"+logger.wandb.api_key={SECRET}"],
+                             "logger.wandb.api_key: looks like a secret; credentials must not be in the config"),
+    # rules between fields
+    "crop larger than the image": (["data.crop_size=32"], "data.crop_size=32 is larger than data.image_size=28"),
+    "eval batch size zero": (["data.eval_batch_size=0"], "data.eval_batch_size=0 must be a positive number"),
+    "max_train_samples below the global batch": (["data.max_train_samples=100"],
+                                                 "data.max_train_samples=100 is smaller than the global batch 256"),
+    "no gradient accumulation": (["trainer.accumulate_grad_batches=0"],
+                                 "trainer.accumulate_grad_batches=0 must be >= 1"),
+    "checkpoint interval zero": (["checkpoint.every_n_epochs=0"], "checkpoint.every_n_epochs=0 must be >= 1"),
+    "mean and std not one per channel": (["data.channels=3"], "need one entry per channel but data.channels=3"),
+    "augmentation probability above 1": (["views.crops.0.flip_p=2"], "views.crops[0].flip_p=2.0: must be in [0, 1]"),
+    # folder datasets
+    "empty image folder": (["data=imagefolder", f"data.root={IMAGES}"], f"no images under {IMAGES}/train"),
+    "one class folder where evaluation needs labels": (["data=imagefolder", f"data.root={IMAGES}"],
+                                                       f"{IMAGES}/train has one class folder (only)"),
+    "broken image with data.skip_bad_images=false": (STRICT, f"cannot read image {IMAGES}/train/broken.png ("),
 }
+FAIL_IN_TRAINING = {"broken image with data.skip_bad_images=false"}  # a UserError from a loader worker
+IMAGE_TREES = {  # relative paths: "dir/" an empty folder, "x.png" a small image, "x.png!" a broken file
+    "empty image folder": ["train/a/", "train/b/"],
+    "one class folder where evaluation needs labels": ["train/only/0.png", "train/only/1.png", "val/only/0.png"],
+    "broken image with data.skip_bad_images=false": ["train/0.png", "train/1.png", "train/2.png", "train/broken.png!"],
+}
+
+
+def _build_tree(root: Path, entries: list[str]) -> None:
+    from PIL import Image
+
+    for rel in entries:
+        path = root / rel.rstrip("!/")
+        if rel.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith("!"):
+            path.write_bytes(b"\x89PNG\r\n\x1a\n this is not the rest of a PNG")
+        else:
+            Image.new("RGB", (12, 10), (200, 40, 40)).save(path)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_clear_line(case, tmp_path):
+    """Run from tmp_path with Hydra's default run folder (outputs/<method>_<backbone>_<data>/<time>), next to
+    an earlier run of the same name: the call must leave every file under tmp_path as it was."""
+    import os
+
     args, expected = BAD_INPUTS[case]
-    run_dir = tmp_path / "run"
-    proc = run_cli(*args, f"hydra.run.dir={run_dir}")
+    images = tmp_path / "images"
+    _build_tree(images, IMAGE_TREES.get(case, []))
+    args, expected = [a.replace(IMAGES, str(images)) for a in args], expected.replace(IMAGES, str(images))
+    earlier = tmp_path / "outputs" / "simclr_convnet_fashion_mnist" / "2020-01-01_00-00-00-000000"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(os.urandom(256))
+    (earlier / "results.json").write_text('{"method": "simclr", "knn_top1": 50.0}\n')
+    before = _files(tmp_path)
+    proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
-    assert expected in lines[0], lines[0]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert expected in errors[0], errors[0]
+    if case not in FAIL_IN_TRAINING:  # the others fail before Lightning says anything
+        assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == errors, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert not run_dir.exists(), "nothing may be written for a run that cannot start"
+    assert SECRET not in proc.stdout + proc.stderr, "a secret is never echoed"
+    assert _files(tmp_path) == before, "nothing may be written or changed for a run that cannot start"
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p != earlier]
+    assert runs == [], f"no run folder may be left behind: {runs}"
 
 
 def test_bad_value_inside_a_sweep_is_caught_before_any_job(tmp_path):
@@ -110,6 +212,7 @@ def test_wandb_without_credentials_logs_offline(tmp_path):
 
 
 def test_wandb_failure_never_takes_the_run_down(tmp_path):
+    """mode=online without credentials: W&B cannot start online, so the run logs offline instead."""
     from tests.helpers import ROOT
 
     run_dir = tmp_path / "run"
@@ -117,8 +220,67 @@ def test_wandb_failure_never_takes_the_run_down(tmp_path):
             f"hydra.run.dir={run_dir}"]
     proc = _run_env(args, _no_credentials_env(tmp_path), ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "W&B logging disabled" in proc.stderr + proc.stdout
+    output = proc.stderr + proc.stdout
+    assert output.count("W&B online logging failed") == 1 and "logging offline into" in output, output[-3000:]
+    assert list((run_dir / "wandb").glob("offline-run-*")), list(run_dir.rglob("*"))[:20]
     assert (run_dir / "results.json").is_file() and (run_dir / "csv" / "metrics.csv").is_file()
+
+
+def _all_bytes_containing(root: Path, *needles: str) -> list[str]:
+    """Files under ``root`` (read as bytes: checkpoints, wandb's binary logs included) holding any needle."""
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            data = p.read_bytes()
+            hits += [f"{p}: {n[:6]}..." for n in needles if n.encode() in data]
+    return hits
+
+
+def test_unreachable_wandb_falls_back_to_offline_within_the_timeout(tmp_path):
+    """An API key but a W&B server that refuses connections: init gives up after logger.wandb.init_timeout
+    seconds and the run logs offline; it finishes and writes results.json."""
+    import secrets
+    import time
+
+    from tests.helpers import ROOT
+
+    key = secrets.token_hex(20)  # 40 characters, like a W&B API key
+    env = {**_no_credentials_env(tmp_path), "WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "eval.final.random_baseline=false", "logger=wandb",
+            "logger.wandb.mode=online", "logger.wandb.init_timeout=5", f"hydra.run.dir={run_dir}"]
+    start = time.monotonic()
+    proc = _run_env(args, env, ROOT)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stderr + proc.stdout
+    assert output.count("W&B online logging failed") == 1 and "logging offline into" in output, output[-3000:]
+    assert list((run_dir / "wandb").glob("offline-run-*")), list(run_dir.rglob("*"))[:20]
+    assert (run_dir / "results.json").is_file() and (run_dir / "csv" / "metrics.csv").is_file()
+    assert elapsed < 180, f"the run took {elapsed:.0f} s: W&B's init must give up after init_timeout"
+    assert _all_bytes_containing(tmp_path, key) == [] and key not in output
+
+
+def test_secrets_in_the_environment_never_land_in_run_files(tmp_path):
+    """W&B's key and another credential in the environment, logger=wandb (offline): neither string appears in
+    any file the run writes (.hydra/, csv, wandb's offline files, checkpoints, results) nor in its output."""
+    import secrets
+
+    from tests.helpers import ROOT
+
+    wandb_key, aws_secret = secrets.token_hex(20), secrets.token_urlsafe(30)
+    env = {**_no_credentials_env(tmp_path), "WANDB_API_KEY": wandb_key, "AWS_SECRET_ACCESS_KEY": aws_secret,
+           "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper()}
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "eval.final.random_baseline=false", "logger=wandb",
+            "logger.wandb.mode=offline", f"hydra.run.dir={run_dir}"]
+    proc = _run_env(args, env, ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert {".hydra/config.yaml", "results.json", "checkpoints/last.ckpt", "csv/metrics.csv"} <= written, written
+    assert any(w.startswith("wandb/offline-run-") for w in written), written
+    assert _all_bytes_containing(tmp_path, wandb_key, aws_secret, env["AWS_ACCESS_KEY_ID"]) == []
+    assert wandb_key not in proc.stdout + proc.stderr and aws_secret not in proc.stdout + proc.stderr
 
 
 def test_ddp_cpu_run_writes_one_result(tmp_path):

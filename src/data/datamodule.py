@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from src.data import datasets as ds
+from src.data.sampler import epoch_loader
 from src.utils.errors import UserError
 
 IN_MEMORY = {"digits", "fashion_mnist", "cifar10", "cifar100", "stl10", "fake"}
@@ -26,7 +27,7 @@ class SSLDataModule(L.LightningDataModule):
                  channels: int = 3, num_classes: int | None = 10, mean: list[float] | None = None, std: list[float] | None = None,
                  batch_size: int = 256, eval_batch_size: int = 512, num_workers: int = 0,
                  download: bool = True, max_train_samples: int | None = None, train_dir: str = "train",
-                 val_dir: str | None = "val", labelled: bool = True, seed: int = 0):
+                 val_dir: str | None = "val", labelled: bool = True, seed: int = 0, skip_bad_images: bool = True):
         super().__init__()
         if name not in IN_MEMORY | FOLDERS:
             raise UserError(f"data.name={name!r} is unknown; allowed: {', '.join(sorted(IN_MEMORY | FOLDERS))}")
@@ -36,6 +37,8 @@ class SSLDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.download, self.max_train_samples, self.seed = download, max_train_samples, seed
         self.train_dir, self.val_dir, self.labelled = train_dir, val_dir, labelled
+        self.skip_bad_images = skip_bad_images  # folders: a file that fails to decode is skipped (False: an error)
+        self.folders: list[ds.FolderImages] = []  # folder datasets, whose skipped files DataHealth reports
         self.pretrain: Dataset | None = None
         self.eval_train: Dataset | None = None
         self.eval_val: Dataset | None = None
@@ -53,8 +56,35 @@ class SSLDataModule(L.LightningDataModule):
             if not train.is_dir():
                 raise UserError(f"data.root={self.root}: folder {train} does not exist; point data.root at "
                                 f"the dataset (with {self.train_dir}/ and {self.val_dir}/ inside)")
+            self._check_folders(train)
         elif self.name not in {"digits", "fake"} and not self.root:
             raise UserError(f"data.root is not set for {self.name}; pass data.root=/path/to/data")
+
+    def _check_folders(self, train: Path) -> None:
+        """No images, or one class where evaluation needs labels: cheap checks (the first image found is
+        enough; class folders are only listed), so they run before any run folder is made."""
+        kinds = "/".join(sorted(ds.IMAGE_EXTENSIONS))
+        if not ds.has_image(train):
+            raise UserError(f"data.root={self.root}: no images under {train} (looked for {kinds} files); put "
+                            f"them in {train}/<class>/ or point data.root at the dataset")
+        val = Path(self.root) / self.val_dir if self.val_dir else None
+        if val is None or not val.is_dir():
+            return
+        if not ds.has_image(val):
+            raise UserError(f"data.root={self.root}: no images under {val} (looked for {kinds} files); put the "
+                            "held-out images there or set data.val_dir=null (evaluation is then skipped)")
+        classes = sorted(d.name for d in train.iterdir() if d.is_dir()) if self.labelled else []
+        if len(classes) == 1:
+            raise UserError(f"data.root={self.root}: {train} has one class folder ({classes[0]}) but evaluation "
+                            "needs labels of at least 2 classes; add class folders, or set data.labelled=false to "
+                            "pre-train without labels (evaluation is then skipped)")
+
+    def skipped_images(self) -> dict[str, str]:
+        """Files of the folder datasets that failed to decode so far (path -> reason), in any worker."""
+        out: dict[str, str] = {}
+        for folder in self.folders:
+            out.update(folder.skipped)
+        return dict(sorted(out.items()))
 
     def prepare_data(self) -> None:
         """Runs on one process: downloads where allowed and needed."""
@@ -92,12 +122,15 @@ class SSLDataModule(L.LightningDataModule):
             self.has_labels = bool((train.labels >= 0).any())
         else:
             root = Path(self.root)
-            self.pretrain = ds.FolderImages(str(root / self.train_dir), self.image_size, self.channels, self.labelled)
+            self.pretrain = ds.FolderImages(str(root / self.train_dir), self.image_size, self.channels, self.labelled,
+                                            skip_bad=self.skip_bad_images)
             self.has_labels = self.labelled and bool(self.pretrain.classes)
             self.eval_train = self.pretrain
             val = root / self.val_dir if self.val_dir else None
-            self.eval_val = (ds.FolderImages(str(val), self.image_size, self.channels, self.labelled)
+            self.eval_val = (ds.FolderImages(str(val), self.image_size, self.channels, self.labelled,
+                                             skip_bad=self.skip_bad_images)
                              if val is not None and val.is_dir() else None)
+            self.folders = [d for d in (self.pretrain, self.eval_val) if d is not None]
             self.has_labels = self.has_labels and self.eval_val is not None
             self.eval_split_names = (self.train_dir, self.val_dir or "none")
             self.num_classes = len(self.pretrain.classes) or self.num_classes
@@ -119,7 +152,11 @@ class SSLDataModule(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.pretrain, self.batch_size, shuffle=True, drop_last=True)
+        """Shuffled from (run seed, epoch), one slice per rank, resumable mid-epoch (src/data/sampler.py).
+        The run seed is the one ``seed_everything`` set (``torch.initial_seed()``)."""
+        return epoch_loader(self.pretrain, self.batch_size, torch.initial_seed(), drop_last=True,
+                            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                            pin_memory=torch.cuda.is_available())
 
     def eval_train_dataloader(self) -> DataLoader:
         return self._loader(self.eval_train, self.eval_batch_size, shuffle=False, drop_last=False)

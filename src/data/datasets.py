@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +162,97 @@ def fake(num_train: int = 512, num_test: int = 128, image_size: int = 32, channe
 
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+class BadImageError(UserError):
+    """An image that cannot be decoded while ``data.skip_bad_images=false``.
+
+    A DataLoader worker re-raises it in the main process as ``BadImageError("Caught ... Original Traceback
+    ...")``; the constructor keeps only the original one-line message, so the CLI still prints one line.
+    """
+
+    def __init__(self, text: str):
+        if "Original Traceback" in text:
+            last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+            text = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(text)
+
+
+def image_files(folder: Path) -> list[str]:
+    """Image files under ``folder`` (recursively, following links), sorted."""
+    out = []
+    for dirpath, _, files in os.walk(folder, followlinks=True):
+        out += [os.path.join(dirpath, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(out)
+
+
+def has_image(folder: Path) -> bool:
+    """Whether any image file lies under ``folder``; stops at the first one (cheap on ImageNet)."""
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in files):
+            return True
+    return False
+
+
+def to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` as an 8-bit ``mode`` ("L" or "RGB") image.
+
+    - 16-bit grayscale ("I;16*") is scaled by its range, 0..65535 -> 0..255 (PIL's own conversion clips
+      at 255); 32-bit "I" holding values in 0..65535 likewise, other "I"/"F" images are stretched from their
+      min..max (a float image already in [0, 1] is multiplied by 255);
+    - palette images ("P") go through RGBA when they have a transparent colour, else RGB;
+    - images with alpha (RGBA, LA, PA, premultiplied RGBa/La) are composited on white: transparent pixels
+      often hold arbitrary colours (often black) that dropping the alpha would show, and white is how a
+      viewer shows them on a page;
+    - CMYK, YCbCr, 1-bit and the rest use PIL's conversion; RGB -> L is ITU-R 601 luma, L -> RGB repeats L.
+    """
+    if im.mode in SIXTEEN_BIT or im.mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if im.mode in SIXTEEN_BIT or (im.mode == "I" and lo >= 0 and hi <= 65535):
+            a = a * (255.0 / 65535.0)
+        elif im.mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0
+        else:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im if im.mode == mode else im.convert(mode)
+
+
+def decode(path: str, image_size: int, mode: str) -> torch.Tensor:
+    """An image file as uint8 (C, image_size, image_size): converted to ``mode``, resized so its shorter side
+    is ``image_size`` (smaller images are upsampled), then centre-cropped."""
+    with Image.open(path) as im:
+        im = to_mode(im, mode)
+        w, h = im.size
+        s = image_size / min(w, h)
+        im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BILINEAR,
+                       reducing_gap=3.0)
+        left, top = (im.size[0] - image_size) // 2, (im.size[1] - image_size) // 2
+        im = im.crop((left, top, left + image_size, top + image_size))
+        arr = np.asarray(im, dtype=np.uint8)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _reason(e: Exception, path: str) -> str:
+    """``Type: message`` on one line, without the file's path (the caller names it once)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.replace(f"'{path}'", "").replace(path, "").strip(" :")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _remove_dir(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # never from a forked DataLoader worker
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class FolderImages(Dataset):
@@ -166,50 +260,75 @@ class FolderImages(Dataset):
     ``image_size`` uint8 tensor, so batches stack and the random crops happen on the device.
 
     Class-per-folder trees give labels (sorted folder names); images directly in ``root`` or a tree
-    with ``labelled=False`` give -1. Unreadable files are counted and skipped (``skipped`` lists them).
+    with ``labelled=False`` give -1. Files are not opened when the dataset is built (ImageNet has 1.3M);
+    a file that fails to decode (unreadable, truncated, not an image) is replaced by the next readable one,
+    so a loader worker never dies, and recorded: :attr:`skipped` maps each such path to the reason. With
+    ``skip_bad=False`` the first bad file is a :class:`BadImageError` naming it instead.
+
+    DataLoader workers hold copies of the dataset, so failures are recorded in files: each process appends
+    ``path<TAB>reason`` lines to ``<skip_dir>/<pid>.txt`` (a temporary folder made here, in the main process,
+    before any worker starts, and removed with the dataset); :attr:`skipped` reads them all.
     """
 
-    def __init__(self, root: str, image_size: int, channels: int = 3, labelled: bool = True):
+    def __init__(self, root: str, image_size: int, channels: int = 3, labelled: bool = True, skip_bad: bool = True):
         self.root, self.image_size, self.mode = Path(root), image_size, "L" if channels == 1 else "RGB"
+        self.skip_bad = skip_bad
         classes = sorted(d.name for d in self.root.iterdir() if d.is_dir()) if labelled else []
         self.classes = classes
-        self.samples: list[tuple[str, int]] = []
         if classes:
-            for c, name in enumerate(classes):
-                for dirpath, _, files in os.walk(self.root / name, followlinks=True):
-                    self.samples += [(os.path.join(dirpath, f), c) for f in sorted(files)
-                                     if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+            self.samples = [(p, c) for c, name in enumerate(classes) for p in image_files(self.root / name)]
         else:
-            for dirpath, _, files in os.walk(self.root, followlinks=True):
-                self.samples += [(os.path.join(dirpath, f), -1) for f in sorted(files)
-                                 if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+            self.samples = [(p, -1) for p in image_files(self.root)]
         if not self.samples:
-            raise UserError(f"no images found under data.root={root}; expected class folders of "
-                            f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files")
+            raise UserError(f"no images found under {root} (looked for {'/'.join(sorted(IMAGE_EXTENSIONS))} "
+                            "files); point data.root at a folder with train/<class>/ image folders inside")
         self.samples.sort()
+        self.skip_dir = tempfile.mkdtemp(prefix="sslkit-skipped-")
+        weakref.finalize(self, _remove_dir, self.skip_dir, os.getpid())
+        self._bad: set[str] = set()  # known bad in this process: skipped without decoding again
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, path: str) -> torch.Tensor:
-        with Image.open(path) as im:
-            im = im.convert(self.mode)
-            w, h = im.size
-            s = self.image_size / min(w, h)
-            im = im.resize((max(self.image_size, round(w * s)), max(self.image_size, round(h * s))),
-                           Image.BILINEAR, reducing_gap=3.0)
-            left, top = (im.size[0] - self.image_size) // 2, (im.size[1] - self.image_size) // 2
-            im = im.crop((left, top, left + self.image_size, top + self.image_size))
-            arr = np.asarray(im, dtype=np.uint8)
-        arr = arr[:, :, None] if arr.ndim == 2 else arr
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        return decode(path, self.image_size, self.mode)
+
+    def _record(self, path: str, reason: str) -> None:
+        self._bad.add(path)
+        reason = " ".join(reason.split())[:200]
+        with open(os.path.join(self.skip_dir, f"{os.getpid()}.txt"), "a", encoding="utf-8") as f:
+            f.write(f"{path}\t{reason}\n")  # one write per line; each process has its own file
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Every file that failed to decode so far, in any process: path -> reason, sorted by path."""
+        found: dict[str, str] = {}
+        for part in sorted(Path(self.skip_dir).glob("*.txt")):
+            try:
+                text = part.read_text(encoding="utf-8")
+            except OSError:
+                continue
+            for line in text.splitlines(keepends=True):
+                if line.endswith("\n") and "\t" in line:  # a line still being written is read next time
+                    path, reason = line.rstrip("\n").split("\t", 1)
+                    found.setdefault(path, reason)
+        return dict(sorted(found.items()))
 
     def __getitem__(self, i: int):
-        # A corrupt file is replaced by the next readable one, so a worker never dies mid-epoch.
+        # A bad file is replaced by the next readable one, so a worker never dies mid-epoch.
+        last = ""
         for j in range(i, i + min(len(self), 100)):
             path, label = self.samples[j % len(self)]
+            if path in self._bad:
+                continue
             try:
                 return self.load(path), torch.tensor(label)
-            except (OSError, ValueError, SyntaxError):
-                continue
-        raise UserError(f"100 consecutive unreadable images from {self.samples[i][0]}; check data.root={self.root}")
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files; never kill a worker
+                last = _reason(e, path)
+                if not self.skip_bad:
+                    raise BadImageError(f"cannot read image {path} ({last}); data.skip_bad_images=false stops at "
+                                        "the first bad file: remove or replace it, or set data.skip_bad_images=true "
+                                        "to skip such files") from None
+                self._record(path, last)
+        raise BadImageError(f"{min(len(self), 100)} consecutive unreadable images from {self.samples[i][0]} "
+                            f"(last: {last}); check data.root={self.root}")

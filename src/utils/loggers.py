@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -39,18 +40,54 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list:
 
 
 def _wandb(cfg: DictConfig, run_dir: Path, run_name: str):
+    """A started WandbLogger, or None. ``mode: auto`` is online with credentials, else offline; when going online
+    fails (no network, a bad key, a server that does not answer within ``init_timeout`` seconds) the run logs
+    offline into ``<run>/wandb`` instead. One warning line says what happened; the run never stops for W&B."""
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     mode = kwargs.pop("mode", "auto")
+    timeout = float(kwargs.pop("init_timeout", 30))
     if mode == "auto":
         mode = "online" if wandb_credentials() else "offline"
     try:
-        import wandb
-
-        logger = instantiate({**kwargs, "save_dir": str(run_dir), "name": run_name, "mode": mode,
-                              "settings": wandb.Settings(init_timeout=60, silent=True)})
-        _ = logger.experiment  # start the run now, so a failure shows here and not mid-training
-        return logger
+        return _start_wandb(kwargs, run_dir, run_name, mode, timeout, wandb_run_id(run_dir))
     except Exception as e:  # noqa: BLE001 - any W&B problem must not stop training
-        rank_zero_only(log.warning)(f"W&B logging disabled ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                       "metrics still go to the CSV logger")
-        return None
+        first = _reason(e)
+    warn = rank_zero_only(log.warning)
+    if mode == "online":
+        try:
+            # a fresh id: the failed online start may still hold the run's own id in this process
+            logger = _start_wandb(kwargs, run_dir, run_name, "offline", timeout, None)
+            warn(f"W&B online logging failed ({first}); logging offline into {run_dir / 'wandb'} instead "
+                 "(`wandb sync` uploads it later)")
+            return logger
+        except Exception as e:  # noqa: BLE001
+            first = f"online: {first}; offline: {_reason(e)}"
+    warn(f"W&B logging disabled ({first}); metrics still go to the CSV logger")
+    return None
+
+
+def _start_wandb(kwargs: dict, run_dir: Path, run_name: str, mode: str, timeout: float, run_id: str | None):
+    import wandb
+
+    resume = {"id": run_id, "resume": "allow"} if run_id else {}
+    logger = instantiate({**kwargs, "save_dir": str(run_dir), "name": run_name, "mode": mode, **resume,
+                          "settings": wandb.Settings(init_timeout=timeout, silent=True)})
+    _ = logger.experiment  # start the run now, so a failure shows here and not mid-training
+    return logger
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run folder: made once and kept in ``<run>/.wandb_id``, so a resumed run
+    (``resume=auto`` continues in the same folder) keeps logging to the same W&B run."""
+    path = Path(run_dir) / ".wandb_id"
+    if path.is_file() and (saved := path.read_text().strip()):
+        return saved
+    run_id = secrets.token_hex(8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
