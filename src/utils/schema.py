@@ -367,14 +367,19 @@ def crop_problems(cfg: DictConfig) -> list[Problem]:
             problems.append(Problem(f"views.crops.{i}", f"views.crops.{i}: expected a mapping of crop settings "
                                     f"({', '.join(DEFAULTS)})", "type"))
             continue
-        for key, _ in group.items_ex(resolve=False):
-            dotted = f"views.crops.{i}.{key}"
-            if key not in DEFAULTS:
-                problems.append(_unknown(dotted, set(DEFAULTS), "a views crop group", f"views.crops.{i}"))
-                continue
-            p = _typed(group, key, dotted, types_[key])
-            if p is not None:
-                problems.append(p)
+        problems += _mapping_problems(group, f"views.crops.{i}", types_, "a views crop group")
+    return problems
+
+
+def _mapping_problems(node: DictConfig, prefix: str, types: dict[str, Any], where: str) -> list[Problem]:
+    """Unknown keys (with the closest valid one) and value types of a plain mapping without a ``_target_``."""
+    problems = []
+    for key, _ in node.items_ex(resolve=False):
+        dotted = f"{prefix}.{key}"
+        if key not in types:
+            problems.append(_unknown(dotted, set(types), where, prefix))
+        elif (p := _typed(node, key, dotted, types[key])) is not None:
+            problems.append(p)
     return problems
 
 
@@ -411,14 +416,7 @@ def top_level_problems(cfg: DictConfig) -> list[Problem]:
                 problems.append(p)
     checkpoint, known = cfg.get("checkpoint"), checkpoint_keys()
     if isinstance(checkpoint, DictConfig):
-        for key, _ in checkpoint.items_ex(resolve=False):
-            dotted = f"checkpoint.{key}"
-            if key not in known:
-                problems.append(_unknown(dotted, set(known), "checkpoint", "checkpoint"))
-            else:
-                p = _typed(checkpoint, key, dotted, known[key])
-                if p is not None:
-                    problems.append(p)
+        problems += _mapping_problems(checkpoint, "checkpoint", known, "checkpoint")
     return problems
 
 
