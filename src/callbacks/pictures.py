@@ -19,10 +19,10 @@ from src.callbacks.features import eval_mode
 
 
 class PretextPictures(L.Callback):
-    """Every ``every_n_epochs`` epochs (None: only) after the last one, rank 0 draws ``num_images`` evenly spaced
-    held-out images (the same ones every time) through ``pl_module.pictures`` in eval mode, saves the grid
-    as ``<run>/pictures/epoch_XXXX.png`` and logs it to W&B under ``pictures``. ``self.saved`` lists the
-    files written."""
+    """Every ``every_n_epochs`` epochs and after the last one (``None``: only after the last one), rank 0 draws
+    ``num_images`` evenly spaced held-out images (the same ones every time) through ``pl_module.pictures`` in
+    eval mode, saves the grid as ``<run>/pictures/epoch_<epoch, 4 digits>.png`` and logs it to W&B under
+    ``pictures``. ``self.saved`` lists the files written."""
 
     def __init__(self, every_n_epochs: int | None = 1, num_images: int = 8):
         if (every_n_epochs is not None and every_n_epochs < 1) or num_images < 1:
