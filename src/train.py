@@ -28,7 +28,7 @@ from src.utils.checkpointing import AtomicCheckpointIO, check_resume_value, resu
 from src.utils.checks import check_config
 from src.utils.config import CONF_DIR, compose
 from src.utils.errors import RunInterrupted, UserError
-from src.utils.loggers import build_loggers
+from src.utils.loggers import build_loggers, finish_loggers
 from src.utils.preflight import fail, preflight
 from src.utils.results import format_table, write_results
 
@@ -74,7 +74,11 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
                         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except BaseException:
+        finish_loggers(loggers, ok=False)
+        raise
 
     results = {**names, "epochs": trainer.current_epoch, "seed": cfg.seed,
                "precision": str(cfg.trainer.precision), "devices": trainer.world_size,
@@ -93,6 +97,7 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
     if trainer.is_global_zero:
         write_results(results, run_dir)
         print("\n" + format_table(results) + f"\n\nresults: {run_dir / 'results.json'}", flush=True)
+    finish_loggers(loggers, ok=True)
     return results
 
 

@@ -36,7 +36,7 @@ def test_pretext_runs_draw_pictures_and_report_pretext_accuracy(tmp_path):
 
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "method=rotation,inpainting", *TINY, "eval=final_only", "eval.final.linear_epochs=5",
-                   f"hydra.sweep.dir={sweep}")
+                   "logger=wandb", "logger.wandb.mode=offline", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rotation,), (inpainting,) = sorted(sweep.glob("*rotation*")), sorted(sweep.glob("*inpainting*"))
     results = json.loads((rotation / "results.json").read_text())
@@ -49,6 +49,7 @@ def test_pretext_runs_draw_pictures_and_report_pretext_accuracy(tmp_path):
     side = (width - 2) // 8 - 2  # 8 digits side by side, 2 px padding
     assert side >= 8 and height == 3 * (side + 2) + 2  # rows: input / prediction / target
     assert "pretext_acc" not in json.loads((inpainting / "results.json").read_text())
+    assert list((inpainting / "wandb").glob("offline-run-*/files/media/images/pictures_*.png"))  # and to W&B
 
 
 def test_multirun_writes_one_result_per_job(tmp_path):

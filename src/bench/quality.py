@@ -89,8 +89,9 @@ def colour_data_missing(extra: list[str]) -> str | None:
     try:
         instantiate(cfg.data).setup("fit")
     except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, our checks UserError
-        return (f"{COLOUR_DATA} is not on this machine (data.root={cfg.data.root}: "
-                f"{str(e).strip().splitlines()[0][:120]}) and cannot be downloaded offline; no colour data was run")
+        return (f"{COLOUR_DATA} is not on this machine (not under data.root={cfg.data.root}; {type(e).__name__}) "
+                "and cannot be downloaded offline, so nothing was run on colour data; pass --extra "
+                "data.root=<folder holding it> where it is")
     return None
 
 

@@ -39,6 +39,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list:
     return loggers
 
 
+def finish_loggers(loggers: list, ok: bool) -> None:
+    """End the W&B run of this job (Lightning leaves it open, and the next job of a multirun in the same
+    process would log into it). Never raises."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            try:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish(exit_code=0 if ok else 1)
+            except Exception as e:  # noqa: BLE001 - W&B never takes a run down
+                rank_zero_only(log.warning)(f"W&B did not finish cleanly ({_reason(e)})")
+
+
 def _wandb(cfg: DictConfig, run_dir: Path, run_name: str):
     """A started WandbLogger, or None. ``mode: auto`` is online with credentials, else offline; when going online
     fails (no network, a bad key, a server that does not answer within ``init_timeout`` seconds) the run logs
