@@ -87,6 +87,9 @@ BAD_INPUTS = {
     "typo in a key": (["method.temprature=0.1"], "unknown config key 'method.temprature'; did you mean 'method.temperature'?"),
     "gpu without a gpu": (["hardware=gpu"], "needs a CUDA GPU but none is visible"),
     "missing checkpoint to resume": (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt is not a file"),
+    "unknown resume mode": (["resume=maybe"], "resume=maybe is not allowed; use resume=auto"),
+    "resume=auto in a sweep": (["-m", "resume=auto", "method=simclr,byol"], "resume=auto continues one run; it cannot "
+                               "be combined with -m"),
     "colorization on grayscale data": (["method=colorization"],
                                        "needs colour (RGB) images but data=fashion_mnist has data.channels=1"),
     "split-brain on grayscale data": (["method=split_brain", "data=digits"],
