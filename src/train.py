@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.callbacks.data_health import DataHealth
 from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption, RNGState
 from src.callbacks.throughput import ThroughputMonitor
-from src.utils.checkpointing import AtomicCheckpointIO, check_resume_value, resumable_runs
+from src.utils.checkpointing import AtomicCheckpointIO, resumable_runs
 from src.utils.checks import check_config
 from src.utils.config import CONF_DIR, compose
 from src.utils.errors import RunInterrupted, UserError
@@ -60,7 +60,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
 
 def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
     check_config(cfg)
-    check_resume_value(cfg.get("resume"))
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)

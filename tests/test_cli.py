@@ -87,7 +87,8 @@ BAD_INPUTS = {
     "typo in a key": (["method.temprature=0.1"], "unknown config key 'method.temprature'; did you mean 'method.temperature'?"),
     "gpu without a gpu": (["hardware=gpu"], "needs a CUDA GPU but none is visible"),
     "missing checkpoint to resume": (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt is not a file"),
-    "unknown resume mode": (["resume=maybe"], "resume=maybe is not allowed; use resume=auto"),
+    "unknown resume mode": (["resume=maybe"], "resume='maybe': expected one of 'auto' or null"),
+    "unknown non-finite loss policy": (["nonfinite_loss=ignore"], "nonfinite_loss='ignore': expected one of 'stop', 'skip'"),
     "resume=auto in a sweep": (["-m", "resume=auto", "method=simclr,byol"], "resume=auto continues one run; it cannot "
                                "be combined with -m"),
     "colorization on grayscale data": (["method=colorization"],

@@ -16,8 +16,6 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from src.utils.errors import UserError
-
 # keys that may differ between a run and its continuation
 RESUME_KEYS = ("resume", "ckpt_path")
 
@@ -85,9 +83,3 @@ def resumable_runs(cfg: DictConfig, search: Path) -> list[Path]:
         if same:
             found.append(run)
     return sorted(found, key=lambda r: (r / "checkpoints" / "last.ckpt").stat().st_mtime, reverse=True)
-
-
-def check_resume_value(value: Any) -> None:
-    if value not in (None, "auto"):
-        raise UserError(f"resume={value} is not allowed; use resume=auto (continue the newest run of this config) "
-                        "or ckpt_path=/path/to/last.ckpt (start a new run from a checkpoint)")

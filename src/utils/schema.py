@@ -37,19 +37,23 @@ FRAMEWORK_KEYS: dict[str, dict[str, Any]] = {
 }
 # Parameters the framework passes itself: a config value would be silently replaced.
 INJECTED: dict[str, dict[str, str]] = {
-    "method": {"backbone": "choose it with backbone=...", "views": "choose it with views=..."},
+    "method": {"backbone": "choose it with backbone=...", "views": "choose it with views=...",
+               "nonfinite_loss": "set the top-level nonfinite_loss=stop|skip"},
     "method.optimizer": {"params": "the method passes its parameter groups"},
     "eval.*": {"random_backbone": "set eval.<name>.random_baseline=true|false instead",
                "seed": "it follows the top-level seed"},
     "logger.*": {"save_dir": "loggers write into the run folder"},
     "logger.wandb": {"name": "the run is named after method, backbone and data",
-                     "settings": "set logger.wandb.init_timeout, or other W&B settings as WANDB_* variables"},
+                     "settings": "set logger.wandb.init_timeout, or other W&B settings as WANDB_* variables",
+                     "id": "each run folder keeps its own W&B run id (<run>/.wandb_id), so resume=auto continues it",
+                     "resume": "resume=auto continues the run folder and its W&B run"},
     "trainer": {"callbacks": "callbacks come from the eval group", "logger": "use logger=...",
                 "default_root_dir": "the run folder is hydra.run.dir"},
 }
 # Constructors whose **kwargs go on to another callable.
 KWARGS_FORWARDED_TO = {"lightning.pytorch.loggers.wandb.WandbLogger": "wandb.init"}
-TOP_LEVEL_TYPES = {"seed": int, "ckpt_path": str | None}
+TOP_LEVEL_TYPES = {"seed": int, "ckpt_path": str | None, "resume": Literal["auto"] | None,
+                   "nonfinite_loss": Literal["stop", "skip"]}
 
 
 @dataclass(frozen=True)
