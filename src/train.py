@@ -6,6 +6,7 @@ stderr with exit code 2; a run folder that got nothing but its config is removed
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -18,11 +19,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.data_health import DataHealth
-from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption, RNGState
+from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption
 from src.callbacks.throughput import ThroughputMonitor
 from src.utils.checkpointing import AtomicCheckpointIO, resumable_runs
 from src.utils.checks import check_config
@@ -54,7 +56,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         callbacks.append(instantiate(cb_cfg, **kwargs))
     callbacks.append(DataHealth())  # after the evaluation: it also counts files skipped while evaluating
     last = run_dir / "checkpoints" / "last.ckpt"
-    callbacks += [RNGState(), DataPosition(), Preemption(last), LastCheckpoint(last, cfg.checkpoint.every_n_epochs)]
+    callbacks += [DataPosition(), Preemption(last), LastCheckpoint(last, cfg.checkpoint.every_n_epochs)]
     return callbacks
 
 
@@ -128,7 +130,8 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     except (RunInterrupted, SIGTERMException) as e:
         signum = getattr(e, "signum", 15)
         message = str(e) or f"stopped by SIGTERM; checkpoint saved to {run_dir / 'checkpoints' / 'last.ckpt'}"
-        print(f"interrupted: {message}", file=sys.stderr, flush=True)
+        if rank_zero_only.rank == 0:  # one line, not one per process
+            print(f"interrupted: {message}", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
     return results.get("knn_top1")  # the value sweepers optimise
 
@@ -151,15 +154,16 @@ def resume_arguments(argv: list[str]) -> list[str]:
     given = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
     search = Path(given[-1]) if given else Path("outputs")
     runs = resumable_runs(cfg, search) if search.exists() else []
+    say = print if os.environ.get("LOCAL_RANK", "0") == "0" else (lambda *a, **k: None)  # DDP re-launches us
     if not runs:
-        print(f"resume=auto: no run of this config with a checkpoint under {search}; starting a new run", flush=True)
+        say(f"resume=auto: no run of this config with a checkpoint under {search}; starting a new run", flush=True)
         return argv
     run = runs[0]
     results, ckpt = run / "results.json", run / "checkpoints" / "last.ckpt"
     if results.is_file() and results.stat().st_mtime >= ckpt.stat().st_mtime:
-        print(f"resume=auto: {run} already finished; its results are in {results}", flush=True)
+        say(f"resume=auto: {run} already finished; its results are in {results}", flush=True)
         sys.exit(0)
-    print(f"resume=auto: continuing {run} from {ckpt}", flush=True)
+    say(f"resume=auto: continuing {run} from {ckpt}", flush=True)
     kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "ckpt_path="))]
     return [*kept, f"hydra.run.dir={_quote(str(run))}", f"ckpt_path={_quote(str(ckpt))}"]
 

@@ -116,3 +116,20 @@ def test_a_resumed_run_keeps_logging_to_the_same_wandb_run(tmp_path):
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(segments) == 2, segments
     assert len({p.name.rsplit("-", 1)[-1] for p in segments}) == 1  # one W&B run id for both parts
+
+
+def test_two_process_ddp_run_stopped_mid_epoch_resumes_exactly(tmp_path):
+    """hardware=ddp_cpu (2 gloo processes): both ranks stop at the same batch, the checkpoint holds the data
+    position of their slices, and the resumed run ends bit-identical."""
+    ddp = ["hardware=ddp_cpu", "data.batch_size=64", "trainer.max_epochs=2"]  # global batch 128: 11 steps / epoch
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert _run(reference, *ddp).returncode == 0
+    stopped = _run(run_dir, *ddp, signal_at=STEPS_PER_EPOCH + 3, signal_name="TERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert stopped.stderr.count("interrupted:") == 1
+    assert _final_state(run_dir)["global_step"] == STEPS_PER_EPOCH + 3
+    resumed = _run(run_dir, *ddp, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _final_state(reference), _final_state(run_dir)
+    assert a["global_step"] == b["global_step"] == 2 * STEPS_PER_EPOCH
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

@@ -1,51 +1,31 @@
-"""What makes a resumed run continue exactly: ``last.ckpt`` after every N epochs, RNG states in every
-checkpoint, and a clean stop on signals.
+"""What makes a resumed run continue exactly: ``last.ckpt`` after every N epochs, the data position in
+every checkpoint, and a clean stop on signals. (The randomness of each batch needs no saved state: it is
+seeded from the run seed, rank, epoch and batch index, see ``SSLMethod.batch_seed``.)
 
 :class:`LastCheckpoint` writes ``<run>/checkpoints/last.ckpt`` at the end of every ``every_n_epochs``-th
 epoch and of the last one (through the trainer's checkpoint IO, which writes atomically), after every
 other callback has updated its state for the epoch.
-:class:`RNGState` saves the torch (CPU and CUDA), numpy and Python RNG states of every rank with each
-checkpoint and puts them back when training resumes, so the random views after a resume are the ones an
-uninterrupted run would have drawn. :class:`Preemption` turns SIGTERM (a cluster's pre-emption),
+:class:`Preemption` turns SIGTERM (a cluster's pre-emption),
 SIGINT (Ctrl-C) and SIGUSR1/SIGUSR2 (SLURM's ``--signal`` warning) into a checkpoint at the end of the
 current batch, then stops the run with :class:`RunInterrupted`.
 """
 
 from __future__ import annotations
 
-import random
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
-import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.utils.errors import RunInterrupted
 
-CAUGHT_SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # SIGTERM: Lightning's handler sets received_sigterm
-
-
-def _rng_state() -> dict[str, Any]:
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
+# While training, these only set a flag (Lightning's own SIGTERM handler runs collectives inside the handler,
+# which deadlocks DDP when the ranks get different numbers of signals); the flag is reduced over the ranks
+# at the end of every batch.
+CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class LastCheckpoint(Checkpoint):
@@ -58,34 +38,11 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
+        # Every rank computes the epoch's sync_dist metrics here, as ModelCheckpoint does: rank 0's progress bar
+        # has already synced them, and a rank that had not would pair those reduces with the save's barrier (hang).
+        _ = trainer.callback_metrics
         if epoch % self.every_n_epochs == 0 or epoch >= trainer.max_epochs or trainer.should_stop:
             trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume
-
-
-class RNGState(L.Callback):
-    """Checkpoints hold ``{"ranks": [state of rank 0, rank 1, ...]}``; a resumed rank r takes entry r."""
-
-    def __init__(self):
-        self._pending: dict | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        state = _rng_state()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            states: list = [None] * dist.get_world_size()
-            dist.all_gather_object(states, state)  # every rank dumps the checkpoint, so all take part
-            return {"ranks": states}
-        return {"ranks": [state]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After every set-up step that draws random numbers, just before the first resumed batch."""
-        if self._pending is None:
-            return
-        ranks = self._pending["ranks"]
-        _set_rng_state(ranks[trainer.global_rank if trainer.global_rank < len(ranks) else 0])
-        self._pending = None
 
 
 class DataPosition(L.Callback):
@@ -131,6 +88,8 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
+        if getattr(trainer, "received_sigterm", False):  # during set-up, before our handler was in place
+            self.received = signal.SIGTERM
         for sig in CAUGHT_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
 
@@ -155,8 +114,4 @@ class Preemption(L.Callback):
         self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Lightning raises SIGTERMException itself when SIGTERM lands after this batch's check: the batch is
-        complete, so save here too (one process only: the other ranks may not be here to take part)."""
         self._restore_handlers()
-        if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
-            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)

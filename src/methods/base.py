@@ -13,7 +13,9 @@ equal-sized views and the head once over all of them; :func:`view_pairs` lists w
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Callable
 
 import lightning as L
@@ -116,11 +118,21 @@ class SSLMethod(L.LightningModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is None or not self.trainer.training:
             return batch
+        torch.manual_seed(self.batch_seed())
         images, labels = batch
         views = self.views(images)
         if self.hparams.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return {"views": views, "image": images, "label": labels}
+
+    def batch_seed(self) -> int:
+        """The seed of this training batch's randomness (views, MoCo's shuffle, pretext labels): a function of
+        the run's seed, the rank, the epoch and the batch's index in it alone. A resumed run therefore draws
+        what an uninterrupted one would have (no RNG state to save), and every rank draws differently."""
+        t = self.trainer
+        index = t.fit_loop.epoch_loop.batch_progress.current.ready  # batches of this epoch started before it
+        key = (int(os.environ.get("PL_GLOBAL_SEED", 0)), t.global_rank, t.current_epoch, index)
+        return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") % 2**63
 
     # ---- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
