@@ -67,6 +67,7 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
     datamodule = instantiate(cfg.data)
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views),
                          nonfinite_loss=cfg.nonfinite_loss)
+    method.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("backbone", "views", "method", "data")}
     callbacks = build_callbacks(cfg, run_dir)
     loggers = build_loggers(cfg.logger, run_dir, "_".join(str(v) for v in names.values()))
     # checkpoints are written atomically; the data order comes from (seed, epoch) and each rank takes its own

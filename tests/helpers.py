@@ -1,6 +1,10 @@
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,11 +18,26 @@ METHODS = group_options("method")
 torch.set_num_threads(2)
 
 
-def tiny_cfg(method: str, *overrides: str):
-    """The real configs of ``method`` shrunk to run in a second on CPU (fake data, 8-channel convnet)."""
-    cfg = compose([f"method={method}", "data=fake", "backbone=convnet", "backbone.width=8", "backbone.depth=2",
-                   "data.batch_size=16", "data.image_size=16", "data.crop_size=16", "logger=none", "eval=none",
-                   "trainer.max_epochs=1", *overrides])
+TINY_CONVNET = ("backbone=convnet", "backbone.width=8", "backbone.depth=2")
+TINY_VIT = ("backbone=vit_cpu", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2")
+
+
+def method_class(name: str):
+    from hydra.utils import get_class
+
+    return get_class(compose([f"method={name}"]).method._target_)
+
+
+def tiny_cfg(method: str, *overrides: str, vit: bool | None = None):
+    """The real configs of ``method`` shrunk to run in a second on CPU: fake 16 px data and an 8-channel convnet,
+    or (``vit``, the default for methods that need ViT tokens) a 32-wide ViT of 2 blocks on 4 px patches. BEiT
+    gets the tiny tokenizer of :func:`tiny_tokenizer`."""
+    vit = getattr(method_class(method), "needs_tokens", False) if vit is None else vit
+    extra = [f"method.tokenizer={tiny_tokenizer()}"] if method == "beit" and "method.tokenizer" not in overrides_keys(
+        overrides, full=True) else []
+    cfg = compose([f"method={method}", "data=fake", *(TINY_VIT if vit else TINY_CONVNET), "data.batch_size=16",
+                   "data.image_size=16", "data.crop_size=16", "logger=none", "eval=none", "trainer.max_epochs=1",
+                   *extra, *overrides])
     with open_dict(cfg):
         for key in cfg.method:  # heads of 32 units (DINO's 8192-wide, 65536-way ones included)
             if key.endswith("_dim") and key not in overrides_keys(overrides):
@@ -27,14 +46,39 @@ def tiny_cfg(method: str, *overrides: str):
             cfg.method.num_prototypes = 16
         if cfg.method.get("queue_size"):
             cfg.method.queue_size = 64
+        if "decoder_depth" in cfg.method:  # MAE's decoder: 1 block of 2 heads
+            cfg.method.decoder_depth, cfg.method.decoder_heads = 1, 2
+        if "num_codes" in cfg.method and "num_codes" not in overrides_keys(overrides):
+            cfg.method.num_codes = 64
         cfg.method.warmup_epochs = 0
         if "gap" in cfg.method and "gap" not in overrides_keys(overrides):
             cfg.method.gap, cfg.method.jitter = 1, 0  # a 3x3 grid of 4-px patches fits the 16-px crop
     return cfg
 
 
-def overrides_keys(overrides) -> set[str]:
-    return {o.split("=", 1)[0].removeprefix("method.") for o in overrides}
+@functools.cache
+def tiny_tokenizer() -> str:
+    """A tokenizer checkpoint for tiny BEiT configs (VQ-VAE on a convnet of stride 4 = the tiny ViT's patch),
+    trained for 2 steps once per test session into a temporary folder."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    folder = Path(tempfile.mkdtemp(prefix="sslkit-tokenizer-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    cfg = tiny_cfg("vqvae", "backbone.depth=3")
+    L.seed_everything(0)
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+    method.run_config = {k: to_plain(cfg[k]) for k in ("backbone", "views", "method", "data")}
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(method, datamodule=instantiate(cfg.data))
+    trainer.save_checkpoint(folder / "tokenizer.ckpt")
+    return str(folder / "tokenizer.ckpt")
+
+
+def overrides_keys(overrides, full: bool = False) -> set[str]:
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return keys if full else {k.removeprefix("method.") for k in keys}
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -44,12 +44,12 @@ def test_pretext_runs_draw_pictures_and_report_pretext_accuracy(tmp_path):
     assert results["random_knn_top1"] > 10.0  # the random baseline is a fresh rotation model
     assert not (rotation / "pictures").exists()
     pictures = sorted((inpainting / "pictures").glob("*.png"))
-    assert [p.name for p in pictures] == ["epoch_0002.png"]  # eval=final_only: the last epoch only
+    assert [p.name for p in pictures] == ["pretext_0002.png"]  # eval=final_only: the last epoch only
     width, height = Image.open(pictures[0]).size
     side = (width - 2) // 8 - 2  # 8 digits side by side, 2 px padding
     assert side >= 8 and height == 3 * (side + 2) + 2  # rows: input / prediction / target
     assert "pretext_acc" not in json.loads((inpainting / "results.json").read_text())
-    assert list((inpainting / "wandb").glob("offline-run-*/files/media/images/pictures_*.png"))  # and to W&B
+    assert list((inpainting / "wandb").glob("offline-run-*/files/media/images/pretext_*.png"))  # and to W&B
 
 
 def test_multirun_writes_one_result_per_job(tmp_path):

@@ -5,7 +5,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 
 import src.methods.base as base
 import src.methods.swav as swav_module
@@ -13,7 +13,7 @@ from src.methods.base import SSLMethod, num_global_views, view_pairs
 from src.nn.ema import update_momentum
 from src.utils.checks import config_problems
 from src.utils.config import compose
-from tests.helpers import METHODS, tiny_cfg
+from tests.helpers import METHODS, method_class, tiny_cfg, tiny_tokenizer
 
 
 def build(cfg):
@@ -39,10 +39,11 @@ def trained(name: str, steps: int, *overrides: str):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_paper_config_passes_the_preflight_check(name):
-    cfg = compose([f"method={name}"])  # the default data (Fashion-MNIST) is grayscale
-    if getattr(get_class(cfg.method._target_), "needs_colour", False):
-        cfg = compose([f"method={name}", "data=cifar10"])
-    assert config_problems(cfg) == []
+    cls = method_class(name)
+    overrides = ["data=cifar10"] if getattr(cls, "needs_colour", False) else []  # the default data is grayscale
+    overrides += ["backbone=vit_small"] if getattr(cls, "needs_tokens", False) else []
+    overrides += ["data=fake", f"method.tokenizer={tiny_tokenizer()}"] if name == "beit" else []  # RGB, stride 4
+    assert config_problems(compose([f"method={name}", *overrides])) == []
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -96,11 +97,7 @@ def test_moco_variants_follow_the_papers():
     assert compose(["method=moco", "views=none"]).views.crops[0].scale == [1.0, 1.0], "command line views wins"
 
 
-def _method_class(name):
-    return get_class(compose([f"method={name}"]).method._target_)
-
-
-EMA_METHODS = [m for m in METHODS if _method_class(m).momentum_pairs is not SSLMethod.momentum_pairs]
+EMA_METHODS = [m for m in METHODS if method_class(m).momentum_pairs is not SSLMethod.momentum_pairs]
 STATE_METHODS = ["moco_v2", "nnclr", "dino", "swav"]  # methods whose training state lives in buffers
 
 

@@ -6,17 +6,21 @@ import torch
 import torchvision
 from torch import nn
 
+from src.backbones.pretrained import load_pretrained, pretrained_problems
+
 
 class ResNet(nn.Module):
     """``forward(x) -> (B, out_dim)`` pooled features of a torchvision ResNet (fc removed);
     ``feature_map(x) -> (B, out_dim, h, w)`` the last stage before the pool (dense pretext heads read it).
 
     ``cifar_stem=True`` replaces the 7x7/2 conv + max-pool with a 3x3/1 conv and no pool, the usual
-    choice for 32x32 images. ``in_channels`` != 3 replaces the first conv (grayscale data).
+    choice for 32x32 images. ``in_channels`` != 3 replaces the first conv (grayscale data). ``pretrained``: a
+    weights file (a torchvision state dict, a MoCo/DINO/our checkpoint; prefixes handled; an RGB first conv is
+    summed for grayscale data).
     """
 
     def __init__(self, arch: str = "resnet18", in_channels: int = 3, cifar_stem: bool = False,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, pretrained: str | None = None):
         super().__init__()
         if arch not in {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}:
             raise ValueError(f"backbone.arch={arch!r} is not a ResNet; use resnet18/34/50/101/152")
@@ -29,6 +33,12 @@ class ResNet(nn.Module):
         self.out_dim = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
+        if pretrained:
+            load_pretrained(net, pretrained, f"this {arch}" + (" with the CIFAR stem" if cifar_stem else ""))
+
+    @classmethod
+    def config_problems(cls, cfg) -> list[str]:
+        return pretrained_problems(cfg.backbone.get("pretrained"))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net

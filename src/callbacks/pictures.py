@@ -1,8 +1,11 @@
-"""Pictures of a pretext task: input / prediction / target rows for a fixed set of held-out images.
+"""Pictures drawn during training, on a fixed set of held-out images, with one output rule:
+``<run>/pictures/<what>_<epoch, 4 digits>.png`` and the W&B image key ``<what>``.
 
-Methods that can draw their task (inpainting, colorization, split-brain) define
-``pictures(x) -> {row name: (N, C, H, W) floats in [0, 1]}`` for a batch ``x`` of evaluation views; the
-rows are stacked into one grid. Other methods are left alone.
+- :class:`PretextPictures` (``what = pretext``): methods that can draw their task (inpainting, colorization,
+  split-brain, MAE, BEiT, the VQ-VAE tokenizer) define ``pictures(x) -> {row name: (N, C, H, W) floats in [0, 1]}``
+  for a batch ``x`` of evaluation views; the rows are stacked into one grid. Other methods are left alone.
+- :class:`AttentionMaps` (``what = attention``): ViT backbones (``last_attention``): one row per image, the image
+  then each head's CLS attention over the patch grid as a heat map, upsampled onto the image.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
@@ -18,42 +22,100 @@ from torchvision.utils import make_grid, save_image
 from src.callbacks.features import eval_mode
 
 
-class PretextPictures(L.Callback):
+def held_out_images(trainer: L.Trainer, num: int) -> torch.Tensor:
+    """``num`` evenly spaced images (uint8) of the evaluation split (or the training set without one): the same
+    ones at every call."""
+    dm = trainer.datamodule
+    dataset = getattr(dm, "eval_val", None) or dm.pretrain
+    n = min(num, len(dataset))
+    idx = torch.linspace(0, len(dataset) - 1, n).round().long().tolist()
+    return torch.stack([torch.as_tensor(dataset[i][0]) for i in idx])
+
+
+def save_picture(trainer: L.Trainer, what: str, grid: torch.Tensor, caption: str) -> Path:
+    """Write ``grid`` (C x H x W in [0, 1]) to ``<run>/pictures/<what>_<epoch>.png`` and to W&B under ``what``."""
+    epoch = trainer.current_epoch + 1
+    path = Path(trainer.default_root_dir) / "pictures" / f"{what}_{epoch:04d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    caption = f"epoch {epoch}, {caption}"
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=what, images=[grid], caption=[caption], step=trainer.global_step)
+    rank_zero_info(f"pictures: {path} ({caption})")
+    return path
+
+
+def heat(x: torch.Tensor) -> torch.Tensor:
+    """A heat colour map: (N, 1, H, W) in [0, 1] -> (N, 3, H, W), black -> red -> yellow -> white."""
+    x = x.clamp(0, 1)
+    return torch.cat([(3 * x).clamp(0, 1), (3 * x - 1).clamp(0, 1), (3 * x - 2).clamp(0, 1)], dim=1)
+
+
+class _Pictures(L.Callback):
     """Every ``every_n_epochs`` epochs and after the last one (``None``: only after the last one), rank 0 draws
-    ``num_images`` evenly spaced held-out images (the same ones every time) through ``pl_module.pictures`` in
-    eval mode, saves the grid as ``<run>/pictures/epoch_<epoch, 4 digits>.png`` and logs it to W&B under
-    ``pictures``. ``self.saved`` lists the files written."""
+    ``num_images`` held-out images in eval mode; ``self.saved`` lists the files written."""
+
+    what = "pictures"
 
     def __init__(self, every_n_epochs: int | None = 1, num_images: int = 8):
         if (every_n_epochs is not None and every_n_epochs < 1) or num_images < 1:
-            raise ValueError(f"eval.pictures: every_n_epochs={every_n_epochs} and num_images={num_images} "
+            raise ValueError(f"eval.{self.what}: every_n_epochs={every_n_epochs} and num_images={num_images} "
                              "must be >= 1")
         self.every_n_epochs, self.num_images = every_n_epochs, num_images
         self.saved: list[Path] = []
 
-    def _images(self, trainer: L.Trainer) -> torch.Tensor:
-        dm = trainer.datamodule
-        dataset = getattr(dm, "eval_val", None) or dm.pretrain
-        n = min(self.num_images, len(dataset))
-        idx = torch.linspace(0, len(dataset) - 1, n).round().long().tolist()
-        return torch.stack([torch.as_tensor(dataset[i][0]) for i in idx])
+    def applies(self, pl_module: L.LightningModule) -> bool:
+        raise NotImplementedError
+
+    def draw(self, pl_module: L.LightningModule, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """(grid C x H x W in [0, 1], caption) for normalised evaluation views ``x``."""
+        raise NotImplementedError
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         due = epoch == trainer.max_epochs or (self.every_n_epochs is not None and epoch % self.every_n_epochs == 0)
-        if not hasattr(pl_module, "pictures") or not due or not trainer.is_global_zero:
+        if not due or not trainer.is_global_zero or not self.applies(pl_module):
             return
-        images = self._images(trainer).to(pl_module.device)
+        images = held_out_images(trainer, self.num_images).to(pl_module.device)
         with eval_mode(pl_module), torch.no_grad():
-            rows = pl_module.pictures(pl_module.views.eval_view(images))
-        grid = make_grid(torch.cat([r.float().clamp(0, 1).cpu() for r in rows.values()]), nrow=images.shape[0],
+            grid, caption = self.draw(pl_module, pl_module.views.eval_view(images))
+        self.saved.append(save_picture(trainer, self.what, grid, caption))
+
+
+class PretextPictures(_Pictures):
+    """Input / prediction / target rows (as the method names them) of the pretext task."""
+
+    what = "pretext"
+
+    def applies(self, pl_module):
+        return callable(getattr(pl_module, "pictures", None))
+
+    def draw(self, pl_module, x):
+        rows = pl_module.pictures(x)
+        grid = make_grid(torch.cat([r.float().clamp(0, 1).cpu() for r in rows.values()]), nrow=x.shape[0],
                          padding=2, pad_value=1.0)
-        path = Path(trainer.default_root_dir) / "pictures" / f"epoch_{epoch:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
-        self.saved.append(path)
-        caption = f"epoch {epoch}, rows: " + " / ".join(rows)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="pictures", images=[grid], caption=[caption], step=trainer.global_step)
-        rank_zero_info(f"pictures: {path} ({caption})")
+        return grid, "rows: " + " / ".join(rows)
+
+
+class AttentionMaps(_Pictures):
+    """The last block's CLS attention of a ViT backbone, per head, over the patches of each image (each head's
+    map scaled to its own maximum for display). ``self.maps`` keeps the last maps drawn (N x heads x h x w, each
+    summing to 1 over the patches)."""
+
+    what = "attention"
+
+    def applies(self, pl_module):
+        return callable(getattr(pl_module.backbone, "last_attention", None))
+
+    def draw(self, pl_module, x):
+        maps = pl_module.backbone.last_attention(x).float()  # N x heads x h x w
+        self.maps = maps.cpu()
+        N, heads = maps.shape[:2]
+        up = F.interpolate(maps.reshape(N * heads, 1, *maps.shape[-2:]), size=x.shape[-2:], mode="nearest")
+        up = up / up.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        image = pl_module.views.denormalize(x).clamp(0, 1).float()
+        image = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image  # N x 3 x H x W
+        tiles = torch.cat([image.unsqueeze(1), heat(up).reshape(N, heads, 3, *x.shape[-2:])], dim=1)  # N x 1+heads
+        grid = make_grid(tiles.reshape(-1, 3, *x.shape[-2:]).cpu(), nrow=1 + heads, padding=2, pad_value=1.0)
+        return grid, f"rows: images; columns: the image, then the CLS attention of heads 1-{heads} of the last block"

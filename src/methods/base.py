@@ -80,6 +80,7 @@ class SSLMethod(L.LightningModule):
         self.views = views
         self.optimizer_factory = optimizer
         self.skipped_steps = 0  # steps dropped for a non-finite loss (nonfinite_loss=skip); checkpointed
+        self.run_config: dict | None = None  # the run's resolved backbone/views/method/data config (src/train.py)
         self._skipping = False
 
     # ---- what a method writes -------------------------------------------------------------------
@@ -200,6 +201,8 @@ class SSLMethod(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        if self.run_config is not None:  # plain values: a checkpoint can rebuild its model (a BEiT tokenizer)
+            checkpoint["config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))

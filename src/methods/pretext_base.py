@@ -31,6 +31,28 @@ def colour_problems(cls: type, cfg: DictConfig) -> list[str]:
             "use a colour dataset such as data=cifar10, data=stl10 or data=imagefolder"]
 
 
+def token_backbone_problems(cls: type, cfg: DictConfig) -> list[str]:
+    """One line when the backbone has no ViT token API (MAE and BEiT encode patch tokens)."""
+    from hydra.utils import get_class
+
+    from src.backbones.vit import has_token_api
+
+    try:
+        backbone_cls = get_class(cfg.backbone._target_)
+    except Exception:  # noqa: BLE001 - a bad backbone target is reported by the schema check
+        return []
+    if has_token_api(backbone_cls):
+        return []
+    return [f"{cls.__name__} needs a ViT backbone with the token API: use backbone=vit_cpu (CPU-sized), vit_tiny, "
+            f"vit_small or vit_base; {backbone_cls.__name__} has none"]
+
+
+def mask_ratio_problems(ratio) -> list[str]:
+    if isinstance(ratio, int | float) and not isinstance(ratio, bool) and 0 < ratio < 1:
+        return []
+    return [f"method.mask_ratio={ratio} must be in (0, 1): the share of patches hidden from the encoder"]
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Top-1 accuracy (a fraction) of ``logits`` (N x K) against ``labels`` (N,)."""
     return (logits.argmax(dim=1) == labels).float().mean()

@@ -21,7 +21,7 @@ from src.utils.schema import schema_problems
 
 POSITIVE_KEYS = ("lr", "temperature", "batch_size", "eval_batch_size", "max_epochs", "image_size", "crop_size",
                  "proj_dim", "proj_hidden_dim", "size")
-SECRET_KEY = re.compile(r"api_?key|token|passw(or)?d|secret", re.IGNORECASE)
+SECRET_KEY = re.compile(r"api_?key|(^|_)tokens?($|_)|passw(or)?d|secret", re.IGNORECASE)  # token as a word: not tokenizer
 SECRET_ENV = {"wandb": "WANDB_API_KEY"}
 ENV_READ = re.compile(r"\$\{oc\.env:\s*([A-Za-z_][A-Za-z0-9_]*)")  # ${oc.env:NAME} or ${oc.env:NAME,default}
 
@@ -38,7 +38,7 @@ def walk_leaves(node, prefix: str = ""):
 
 
 def secret_problems(cfg: DictConfig) -> list[tuple[str, str]]:
-    """(key, line) for every key named like a credential (``*api_key*``, ``*token*``, ``*password*``,
+    """(key, line) for every key named like a credential (``*api_key*``, ``*_token*``, ``*password*``,
     ``*secret*``) that holds a string: configs are saved in .hydra/, hyperparameter logs and checkpoints.
     The value itself is never echoed."""
     problems = []
@@ -198,6 +198,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if every is not None and every < 1:
         problems.append(f"checkpoint.every_n_epochs={every} must be >= 1 (last.ckpt is written every N epochs)")
 
+    if "backbone._target_" not in reported:  # the backbone's own rules (ViT patch sizes, timm names, weights files)
+        try:
+            backbone_cls = get_class(cfg.backbone._target_)
+        except Exception:  # noqa: BLE001 - reported by the schema check
+            backbone_cls = None
+        if hasattr(backbone_cls, "config_problems"):
+            problems += backbone_cls.config_problems(cfg)
     if "method._target_" in reported:
         return problems  # the schema check already said it cannot be imported
     try:

@@ -103,3 +103,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Element-wise max of ``x`` over all processes, as a new tensor (``x`` itself at world size 1); no gradient."""
     return _all_reduce(x, dist.ReduceOp.MAX)
+
+
+@torch.no_grad()
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``x`` of rank ``src`` on every process (in place; ``x`` itself at world size 1)."""
+    if is_distributed():
+        dist.broadcast(x, src=src)
+    return x

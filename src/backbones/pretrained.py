@@ -1,0 +1,125 @@
+"""Load weights a user downloaded elsewhere (timm, torchvision, DINO, MAE, MoCo, CLIP towers, our own
+checkpoints) into a backbone's inner network, whatever prefix the file puts in front of the names.
+
+The file is read safely (``torch.load(weights_only=True)``, or safetensors): tensors and plain values only.
+Nested checkpoints are unwrapped (``state_dict``, ``model``, ``teacher``, ``module``, ...), then the prefix that
+makes the most names match the network is dropped (``module.``, ``backbone.``, ``module.encoder_q.``,
+``backbone.net.`` ...). Names the network does not have (classifier heads, projectors, a teacher) are ignored and
+counted; a network parameter the file lacks, or one of another shape, is one clear error line. ``adapt`` may fix
+shapes first (a ViT's position embedding resampled to another grid).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from src.utils.errors import UserError
+
+NESTED = ("state_dict", "model", "teacher", "module", "net", "encoder", "backbone", "student")
+
+
+def pretrained_problems(pretrained) -> list[str]:
+    """A ``backbone.pretrained`` path that is not a file (the shapes are checked when the backbone is built)."""
+    if isinstance(pretrained, str) and pretrained and not Path(pretrained).is_file():
+        return [f"backbone.pretrained={pretrained} is not a file; pass the path of a weights file (.pth, .pt, .ckpt, "
+                ".bin or .safetensors)"]
+    return []
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The flat name -> tensor mapping of a weights file (``.pth``/``.pt``/``.ckpt``/``.bin`` or ``.safetensors``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"backbone.pretrained={path} is not a file; pass the path of a weights file (.pth, .pt, "
+                        ".ckpt, .bin or .safetensors)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise UserError(f"backbone.pretrained={path} is not a readable safetensors file ({e})") from e
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"backbone.pretrained={path} is not a torch.save archive or a .safetensors file; pass a "
+                        "weights file (state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors name the offending global
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"backbone.pretrained={path} could not be loaded safely (weights_only=True): {first}") from e
+    return _flatten(state, path)
+
+
+def _flatten(state, path: Path) -> dict[str, Tensor]:
+    for _ in range(4):  # {"state_dict": {...}}, {"teacher": {...}}, {"model": {"module": ...}} ...
+        if isinstance(state, dict) and state and all(isinstance(v, Tensor) for v in state.values()):
+            return state
+        if not isinstance(state, dict):
+            break
+        inner = next((state[k] for k in NESTED if isinstance(state.get(k), dict) and state[k]), None)
+        if inner is None:
+            break
+        state = inner
+    raise UserError(f"backbone.pretrained={path} holds no state dict (a mapping of names to tensors); pass a weights "
+                    "file such as a torchvision/timm state dict or a training checkpoint")
+
+
+def match_prefix(source: dict[str, Tensor], target: set[str]) -> tuple[str, dict[str, Tensor]]:
+    """(prefix, renamed): the leading ``a.b.`` prefix of ``source``'s names whose removal makes the most names
+    land in ``target`` (ties: the shortest), and the tensors of those names without it."""
+    counts: dict[str, int] = {}
+    for key in source:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            prefix = ".".join(parts[:i]) + ("." if i else "")
+            if key[len(prefix):] in target:
+                counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts:
+        return "", {}
+    prefix = max(counts, key=lambda p: (counts[p], -len(p)))
+    return prefix, {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix) and k[len(prefix):] in target}
+
+
+def adapt_input_channels(name: str, value: Tensor, want: Tensor) -> Tensor:
+    """A first convolution of RGB weights for a grayscale network (or the reverse): channels summed (or
+    repeated and rescaled) as timm's ``adapt_input_conv`` does; any other shape is returned unchanged."""
+    if value.ndim == 4 and want.ndim == 4 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:] \
+            and {value.shape[1], want.shape[1]} == {1, 3}:
+        from timm.models import adapt_input_conv
+
+        return adapt_input_conv(want.shape[1], value)
+    return value
+
+
+def load_pretrained(net: nn.Module, path: str | Path, what: str,
+                    adapt: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
+    """Load the weights file ``path`` into ``net`` (every parameter and buffer of ``net`` must be found, with its
+    shape); ``what`` names the backbone in messages, ``adapt`` may reshape the renamed tensors first."""
+    source = read_state_dict(path)
+    want = net.state_dict()
+    prefix, found = match_prefix(source, set(want))
+    if not found:
+        example = next(iter(source))
+        raise UserError(f"backbone.pretrained={path}: none of its {len(source)} tensors (e.g. {example}) is a weight "
+                        f"of {what} (e.g. {next(iter(want))}); is it a checkpoint of another architecture?")
+    if adapt is not None:
+        found = adapt(found)
+    found = {k: adapt_input_channels(k, v, want[k]) for k, v in found.items()}
+    missing = [k for k in want if k not in found and not k.endswith("num_batches_tracked")]
+    shapes = [f"{k} {tuple(v.shape)} instead of {tuple(want[k].shape)}" for k, v in found.items()
+              if v.shape != want[k].shape]
+    if missing or shapes:
+        parts = [f"{len(missing)} of its weights are missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(shapes)} have another shape (e.g. {shapes[0]})"] if shapes else []
+        raise UserError(f"backbone.pretrained={path} does not fit {what}: {' and '.join(parts)}; pass weights of the "
+                        "same architecture and size (or change the backbone.* settings to those of the file)")
+    net.load_state_dict(found, strict=False)
+    ignored = len(source) - len(found)
+    rank_zero_info(f"backbone: loaded {len(found)} tensors from {path}" + (f" (prefix '{prefix}' dropped)" if prefix else "")
+                   + (f"; {ignored} tensors of the file are not part of {what} and were ignored" if ignored else ""))

@@ -1,0 +1,71 @@
+"""MAE (He et al. 2021, "Masked Autoencoders Are Scalable Vision Learners"): mask most patches at random,
+encode only the visible ones, reconstruct the pixels of the masked ones with a light decoder.
+
+    keep, mask, restore = random_masking(B, L, mask_ratio)        # sort uniform noise per sample (sec. 3)
+    latent = encoder(tokens(x), keep)                              # ViT on [CLS] + the ~25% visible patches
+    pred   = decoder(latent, restore)                              # mask tokens, sin-cos positions, few blocks
+    loss   = mean over masked patches of ||pred - target||^2       # target: the patch's pixels, per-patch
+                                                                   # normalised with norm_pix_loss (Table 1d)
+
+The representation is the encoder (``forward``: the ViT's pooled features of the whole image).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from src.backbones.vit import needs_tokens
+from src.methods.pretext_base import PretextTask, mask_ratio_problems, token_backbone_problems
+from src.nn.mae_decoder import MAEDecoder
+from src.nn.masks import random_masking
+
+
+class MAE(PretextTask):
+    needs_tokens = True
+
+    def __init__(self, backbone, views, optimizer, mask_ratio: float = 0.75, decoder_dim: int = 512,
+                 decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True, **kwargs):
+        super().__init__(backbone, views, optimizer, **kwargs)
+        needs_tokens(backbone, type(self).__name__)
+        channels, p = views.mean.numel(), backbone.patch_size
+        self.decoder = MAEDecoder(backbone.out_dim, p * p * channels, decoder_dim, decoder_depth, decoder_heads)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-patch pixel targets (B x L x p*p*C), normalised per patch with ``norm_pix_loss``."""
+        t = self.backbone.patchify(x)
+        if self.hparams.norm_pix_loss:
+            t = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        return t
+
+    def reconstruct(self, x: torch.Tensor):
+        """(masking, predicted pixels B x L x p*p*C) for normalised images ``x``."""
+        grid = self.backbone.grid(x)
+        masking = random_masking(x.shape[0], grid[0] * grid[1], self.hparams.mask_ratio, x.device)
+        latent = self.backbone.encode(self.backbone.tokens(x), masking.keep)  # B x 1+K x D
+        return masking, self.decoder(latent, masking.restore, grid)
+
+    def training_loss(self, views):
+        x = self.images(views)  # B x C x S x S, normalised
+        masking, pred = self.reconstruct(x)
+        per_patch = ((pred.float() - self.target(x)) ** 2).mean(dim=-1)  # B x L
+        return (per_patch * masking.mask).sum() / masking.mask.sum()  # masked patches only
+
+    @torch.no_grad()
+    def pictures(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(0)  # the same masks at every epoch; training's RNG streams are left alone
+            masking, pred = self.reconstruct(x)
+        pixels = self.backbone.patchify(x)
+        pred = pred.float()
+        if self.hparams.norm_pix_loss:  # back to pixels with each patch's own mean and spread (as MAE's figures)
+            pred = pred * (pixels.var(dim=-1, keepdim=True) + 1e-6).sqrt() + pixels.mean(dim=-1, keepdim=True)
+        hidden = masking.mask.unsqueeze(-1)
+        grid, channels = self.backbone.grid(x), x.shape[1]
+        masked = self.backbone.unpatchify(pixels.masked_fill(hidden, 0.0), grid, channels)  # 0 = the data mean
+        filled = self.backbone.unpatchify(torch.where(hidden, pred, pixels), grid, channels)
+        return {"input": self.rgb(x), "masked": self.rgb(masked), "reconstruction": self.rgb(filled)}
+
+    @classmethod
+    def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
+        problems = super().config_problems(cfg, global_batch, num_views)
+        return problems + token_backbone_problems(cls, cfg) + mask_ratio_problems(cfg.method.get("mask_ratio", 0.75))
