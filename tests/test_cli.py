@@ -4,8 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tiny_tokenizer
 
 TINY = ["data=digits", "backbone.width=8", "trainer.max_epochs=2", "data.batch_size=128",
         "eval.final.linear_epochs=20", "method.warmup_epochs=0"]
@@ -52,6 +53,19 @@ def test_pretext_runs_draw_pictures_and_report_pretext_accuracy(tmp_path):
     assert list((inpainting / "wandb").glob("offline-run-*/files/media/images/pretext_*.png"))  # and to W&B
 
 
+def test_vit_run_draws_attention_maps_and_reconstructions(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("method=mae", "backbone=vit_cpu", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+                   "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2", "data=digits",
+                   "data.batch_size=128", "trainer.max_epochs=1", "method.warmup_epochs=0", "eval=final_only",
+                   "eval.final.linear_epochs=5", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["method"], results["backbone"]) == ("mae", "vit_cpu")
+    assert results["knn_top1"] > 10.0 and results["random_knn_top1"] > 10.0  # 10 classes
+    assert sorted(p.name for p in (run_dir / "pictures").glob("*.png")) == ["attention_0001.png", "pretext_0001.png"]
+
+
 def test_multirun_writes_one_result_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "method=simclr,moco_v2", *TINY, "trainer.max_epochs=1",
@@ -64,6 +78,8 @@ def test_multirun_writes_one_result_per_job(tmp_path):
 
 SECRET = "4f0c1d2e3b4a59687766554433221100ffeeddcc"  # 40 characters, like a W&B API key
 IMAGES = "{images}"  # in BAD_INPUTS: a folder the test builds from IMAGE_TREES[case]
+TOKENIZER = "{tokenizer}"  # in BAD_INPUTS: a tokenizer checkpoint (tests/helpers.py tiny_tokenizer: stride 4, RGB)
+WEIGHTS = "{weights}"  # in BAD_INPUTS: torchvision's resnet18 state dict (ImageNet stem)
 STRICT = ["data=imagefolder", f"data.root={IMAGES}", "data.labelled=false", "data.val_dir=null", "data.image_size=8",
           "data.crop_size=8", "data.batch_size=4", "data.num_workers=2", "data.skip_bad_images=false",
           "backbone.width=8", "eval=none", "trainer.max_epochs=1"]  # one batch of 4 holds the broken file
@@ -126,8 +142,27 @@ BAD_INPUTS = {
     "one class folder where evaluation needs labels": (["data=imagefolder", f"data.root={IMAGES}"],
                                                        f"{IMAGES}/train has one class folder (only)"),
     "broken image with data.skip_bad_images=false": (STRICT, f"cannot read image {IMAGES}/train/broken.png ("),
+    # ViTs and masked image modelling
+    "image size not a multiple of the patch size": (["backbone=vit_cpu", "backbone.patch_size=5"],
+                                                    "backbone.img_size=28 is not a multiple of backbone.patch_size=5"),
+    "local crop not a multiple of the patch size": (["backbone=vit_cpu", "views=multicrop", "views.crops.1.size=10"],
+                                                    "views.crops[1].size=10 is not a multiple of backbone.patch_size=4"),
+    "mask ratio outside (0, 1)": (["method=mae", "backbone=vit_cpu", "method.mask_ratio=1.2"],
+                                  "method.mask_ratio=1.2 must be in (0, 1)"),
+    "MAE on a convnet": (["method=mae"], "MAE needs a ViT backbone with the token API: use backbone=vit_cpu"),
+    "BEiT without a tokenizer": (["method=beit", "backbone=vit_cpu"], "method=beit needs a visual tokenizer: train one "
+                                 "with `python -m src.train method=vqvae`"),
+    "BEiT with a tokenizer of another grid": (["method=beit", "backbone=vit_cpu", "data=fake", "backbone.patch_size=8",
+                                               f"method.tokenizer={TOKENIZER}"],
+                                              "makes one token per 4x4 px but the ViT's patches are 8x8"),
+    "unknown timm model": (["backbone=timm", "backbone.name=convnxt_tiny"],
+                           "backbone.name=convnxt_tiny is not a timm architecture; did you mean convnext_tiny"),
+    "weights of another shape": (["backbone=resnet18", f"backbone.pretrained={WEIGHTS}"],
+                                 "does not fit this resnet18 with the CIFAR stem: 1 have another shape (e.g. "
+                                 "conv1.weight (64, 3, 7, 7) instead of (64, 1, 3, 3))"),
 }
-FAIL_IN_TRAINING = {"broken image with data.skip_bad_images=false"}  # a UserError from a loader worker
+FAIL_IN_TRAINING = {"broken image with data.skip_bad_images=false",  # a UserError from a loader worker
+                    "weights of another shape"}  # found when the backbone is built
 IMAGE_TREES = {  # relative paths: "dir/" an empty folder, "x.png" a small image, "x.png!" a broken file
     "empty image folder": ["train/a/", "train/b/"],
     "one class folder where evaluation needs labels": ["train/only/0.png", "train/only/1.png", "val/only/0.png"],
@@ -163,7 +198,16 @@ def test_bad_input_is_one_clear_line(case, tmp_path):
     args, expected = BAD_INPUTS[case]
     images = tmp_path / "images"
     _build_tree(images, IMAGE_TREES.get(case, []))
-    args, expected = [a.replace(IMAGES, str(images)) for a in args], expected.replace(IMAGES, str(images))
+    places = {IMAGES: str(images)}
+    if any(TOKENIZER in a for a in args):
+        places[TOKENIZER] = tiny_tokenizer()
+    if any(WEIGHTS in a for a in args):
+        import torchvision
+
+        places[WEIGHTS] = str(tmp_path / "resnet18.pth")
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), places[WEIGHTS])
+    for key, value in places.items():
+        args, expected = [a.replace(key, value) for a in args], expected.replace(key, value)
     earlier = tmp_path / "outputs" / "simclr_convnet_fashion_mnist" / "2020-01-01_00-00-00-000000"
     (earlier / "checkpoints").mkdir(parents=True)
     (earlier / "checkpoints" / "last.ckpt").write_bytes(os.urandom(256))

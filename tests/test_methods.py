@@ -98,7 +98,7 @@ def test_moco_variants_follow_the_papers():
 
 
 EMA_METHODS = [m for m in METHODS if method_class(m).momentum_pairs is not SSLMethod.momentum_pairs]
-STATE_METHODS = ["moco_v2", "nnclr", "dino", "swav"]  # methods whose training state lives in buffers
+STATE_METHODS = ["moco_v2", "nnclr", "dino", "swav", "vqvae"]  # methods whose training state lives in buffers
 
 
 def state_buffers(method):
