@@ -61,3 +61,25 @@ def test_colour_methods_run_on_colour_data_or_say_why_not(tmp_path):
     colour_section = page.split("## Methods that need colour images (cifar10)")[1].split("## Raw-pixel")[0]
     assert "| colorization | not run: cifar10 is not on this machine" in colour_section
     assert not col.ok and "colorization" not in page.split("## Methods that need colour")[0].split("| --- |")[1]
+
+
+def test_vit_entries_run_on_the_vit_and_beit_reads_the_tokenizer(tmp_path):
+    methods = q.default_methods()
+    assert "mae" not in methods and "beit" not in methods and "vqvae" in methods
+    assert methods[-4:] == ["mae@vit_cpu", "beit@vit_cpu", "dino@vit_cpu", "moco_v3@vit_cpu"]
+    assert methods.index("vqvae") < methods.index("beit@vit_cpu")
+    cmd = q.run_command("beit@vit_cpu", tmp_path, 3, 512, 0, [])
+    assert cmd[3:6] == ["method=beit", "data=fashion_mnist", "backbone=vit_cpu"]
+    assert f"method.tokenizer={tmp_path}/vqvae/checkpoints/last.ckpt" in cmd
+    assert f"hydra.run.dir={tmp_path}/beit_vit_cpu" in cmd
+    why = q.missing_requirement("beit@vit_cpu", [], tmp_path)
+    assert "needs the checkpoint of the vqvae run" in why
+    failed = q.MethodRun("vqvae", [], error="exit 1")
+    assert "did not finish" in q.missing_requirement("beit@vit_cpu", [failed], tmp_path)
+    (tmp_path / "vqvae" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "vqvae" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert q.missing_requirement("beit@vit_cpu", [], tmp_path) is None
+    dino = q.MethodRun("dino@vit_cpu", ["method=dino"], results=RESULTS)
+    page = q.render_markdown([q.MethodRun("simclr", ["method=simclr"], results=RESULTS), dino], BASELINE, META)
+    vit_section = page.split("## Vision Transformers (`vit_cpu`)")[1].split("## Raw-pixel")[0]
+    assert "| dino@vit_cpu | 80.00 | 85.00 |" in vit_section and "dino@vit_cpu" not in page.split("## Vision")[0].split("| --- |")[1]

@@ -2,12 +2,15 @@
 after another, and write a results page (default docs/results.md).
 
 Methods that need colour images (colorization, split-brain) run on CIFAR-10 instead, when it is on disk
-(``--extra data.root=...``); where it is not, their rows say so and nothing is run or made up.
+(``--extra data.root=...``); where it is not, their rows say so and nothing is run or made up. An entry
+``method@backbone`` runs a method on another backbone: the masked methods (MAE, BEiT) and DINO and MoCo v3
+run on the CPU-sized ViT (``vit_cpu``), against a random-init ViT of the same size; BEiT reads the visual
+tokenizer that the ``vqvae`` entry trains first.
 
 Each method runs as a user would run it, ``python -m src.train method=<m> data=<fashion_mnist|cifar10>
-backbone=convnet trainer.max_epochs=E data.max_train_samples=N seed=S logger=csv
-hydra.run.dir=<out>/<m>`` plus the method's :data:`CPU_OVERRIDES` and ``--extra``, with its output
-tee'd to ``<out>/<m>.log``. The numbers come from each run's own ``results.json`` (its final
+backbone=<convnet|vit_cpu> trainer.max_epochs=E data.max_train_samples=N seed=S logger=csv
+hydra.run.dir=<out>/<entry>`` plus the entry's :data:`CPU_OVERRIDES` and ``--extra``, with its output
+tee'd to ``<out>/<entry>.log``. The numbers come from each run's own ``results.json`` (its final
 evaluation on the test split, trained backbone and random-init backbone). Beside them, computed here
 without training: kNN on raw normalised pixels under the same protocol as the final evaluation, and
 plain Euclidean 5-NN on all 60,000 training images (the classic Fashion-MNIST pixel baseline).
@@ -45,7 +48,13 @@ from src.utils.config import compose, group_options
 # - 1 warm-up epoch instead of the papers' 10 (which the base would cap at half of this 10-epoch run);
 # - SwAV's prototypes frozen for one epoch as the paper says (its 313 steps are one ImageNet epoch at
 #   batch 4096, but 78% of this 400-step run).
+# ViT entries: the paper's ViT settings where they differ from the method yaml (MoCo v3: AdamW 1.5e-4, wd 0.1,
+# tau 0.2, 3-layer projector, fixed random patch projection and sin-cos positions), MAE's decoder sized for a
+# 128-d encoder (512 x 8 blocks would cost 30x the encoder per image), the same head sizes as the convnet rows.
 _WARMUP = ["method.warmup_epochs=1"]
+_DINO = ["method.out_dim=4096", "method.hidden_dim=1024", *_WARMUP]
+VIT = "vit_cpu"
+TOKENIZER_ENTRY = "vqvae"
 CPU_OVERRIDES: dict[str, list[str]] = {
     "simclr": _WARMUP,
     "moco_v1": ["method.queue_size=4096"],
@@ -55,9 +64,16 @@ CPU_OVERRIDES: dict[str, list[str]] = {
     "nnclr": ["method.queue_size=4096", *_WARMUP],
     "barlow_twins": ["method.proj_hidden_dim=2048", "method.proj_dim=2048", *_WARMUP],
     "vicreg": ["method.proj_hidden_dim=2048", "method.proj_dim=2048", *_WARMUP],
-    "dino": ["method.out_dim=4096", "method.hidden_dim=1024", *_WARMUP],
+    "dino": _DINO,
     "swav": ["method.freeze_prototypes_steps=40", *_WARMUP],
+    f"mae@{VIT}": ["method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4", *_WARMUP],
+    f"beit@{VIT}": ["method.tokenizer={out}/" + TOKENIZER_ENTRY + "/checkpoints/last.ckpt", *_WARMUP],
+    f"dino@{VIT}": _DINO,
+    f"moco_v3@{VIT}": ["method.temperature=0.2", "method.proj_layers=3", "method.optimizer._target_=torch.optim.AdamW",
+                       "method.optimizer.lr=1.5e-4", "method.optimizer.weight_decay=0.1", "backbone.pos_embed=sincos",
+                       "backbone.freeze_patch_embed=true", *_WARMUP],
 }
+REQUIRES = {f"beit@{VIT}": TOKENIZER_ENTRY}  # entry -> the entry whose checkpoint it reads
 
 GRAY_DATA, COLOUR_DATA = "fashion_mnist", "cifar10"
 
@@ -68,15 +84,33 @@ EUCLID_K = 5
 
 
 # ---- what runs -----------------------------------------------------------------------------------
+def split_entry(entry: str) -> tuple[str, str]:
+    """(method, backbone) of ``method`` (the convnet) or ``method@backbone``."""
+    method, _, backbone = entry.partition("@")
+    return method, backbone or "convnet"
+
+
+def folder_name(entry: str) -> str:
+    return entry.replace("@", "_")
+
+
+def needs_tokens(method: str) -> bool:
+    from hydra.utils import get_class
+
+    return getattr(get_class(compose([f"method={method}"]).method._target_), "needs_tokens", False)
+
+
 def default_methods() -> list[str]:
-    return [m for m in group_options("method") if m not in ALIASES]
+    """Every method on the convnet (but the alias moco and the ViT-only methods), then the ViT entries."""
+    convnet = [m for m in group_options("method") if m not in ALIASES and not needs_tokens(m)]
+    return convnet + [f"{m}@{VIT}" for m in ("mae", "beit", "dino", "moco_v3")]
 
 
-def data_for(method: str) -> str:
+def data_for(entry: str) -> str:
     """The dataset a method is measured on: Fashion-MNIST, or CIFAR-10 for methods that need colour."""
     from hydra.utils import get_class
 
-    target = compose([f"method={method}"]).method._target_
+    target = compose([f"method={split_entry(entry)[0]}"]).method._target_
     return COLOUR_DATA if getattr(get_class(target), "needs_colour", False) else GRAY_DATA
 
 
@@ -95,12 +129,14 @@ def colour_data_missing(extra: list[str]) -> str | None:
     return None
 
 
-def run_command(method: str, out: Path, epochs: int, train_samples: int, seed: int, extra: list[str],
+def run_command(entry: str, out: Path, epochs: int, train_samples: int, seed: int, extra: list[str],
                 data: str = GRAY_DATA) -> list[str]:
-    """``python -m src.train ...`` for one method, as a user would type it."""
-    return [sys.executable, "-m", "src.train", f"method={method}", f"data={data}", "backbone=convnet",
+    """``python -m src.train ...`` for one entry (``method`` or ``method@backbone``), as a user would type it."""
+    method, backbone = split_entry(entry)
+    cpu = [o.replace("{out}", str(out)) for o in CPU_OVERRIDES.get(entry, [])]
+    return [sys.executable, "-m", "src.train", f"method={method}", f"data={data}", f"backbone={backbone}",
             f"trainer.max_epochs={epochs}", f"data.max_train_samples={train_samples}", f"seed={seed}",
-            "logger=csv", f"hydra.run.dir={out / method}", *CPU_OVERRIDES.get(method, []), *extra]
+            "logger=csv", f"hydra.run.dir={out / folder_name(entry)}", *cpu, *extra]
 
 
 def overrides_of(cmd: list[str]) -> list[str]:
@@ -126,6 +162,10 @@ class MethodRun:
     views: str = "?"
     log: str = ""
     config: dict = field(default_factory=dict)  # batch size etc. as composed
+
+    @property
+    def backbone(self) -> str:
+        return split_entry(self.method)[1]
 
     @property
     def ok(self) -> bool:
@@ -176,7 +216,7 @@ def _clear_run_dir(run_dir: Path) -> None:
 
 def run_method(cmd: list[str], method: str, out: Path, budget: dict, reuse: bool) -> MethodRun:
     run = MethodRun(method, overrides_of(cmd))
-    run_dir, log_path = out / method, out / f"{method}.log"
+    run_dir, log_path = out / folder_name(method), out / f"{folder_name(method)}.log"
     results_path, budget_path = run_dir / "results.json", run_dir / "budget.json"
     run.log = str(log_path)
     if reuse and results_path.is_file() and budget_path.is_file():
@@ -322,14 +362,16 @@ def render_markdown(runs: list[MethodRun], baseline: dict | None, meta: dict, no
     split = ok[0].results.get("eval_val_split", "test") if ok else "test"
     per_method = "; ".join(f"`{r.method}`: {r.optimizer}, views `{r.views}`" for r in runs if not r.skipped)
     raw_knn = baseline["knn_top1"] if baseline else None
-    gray = [r for r in runs if r.data == GRAY_DATA]
+    gray = [r for r in runs if r.data == GRAY_DATA and r.backbone == "convnet"]
     colour = [r for r in runs if r.data != GRAY_DATA]
+    vit = [r for r in runs if r.data == GRAY_DATA and r.backbone != "convnet"]
     colour_note = f" (methods that need colour images: on {COLOUR_DATA}, see the last table)" if colour else ""
     lines = [
         "# Representation quality on Fashion-MNIST (CPU budget)",
         "",
         f"Every method was pre-trained from scratch, one after another on the same machine, "
-        f"on real Fashion-MNIST{colour_note} with the same backbone (`convnet`, 32/64/128 channels, 128-d features) and the "
+        f"on real Fashion-MNIST{colour_note} with the same backbone (`convnet`, 32/64/128 channels, 128-d features; "
+        f"the ViT rows: `{VIT}`, see their table) and the "
         f"same budget: {epochs} epoch{'s' if epochs != 1 else ''} over a fixed random subset of {n:,} training images (seed {seed}), i.e. "
         f"{epochs * n:,} images seen, batch size {batch} ({n // batch} steps per epoch), fp32 on the CPU. "
         f"Each method keeps its own optimiser (from its yaml; the learning rate is scaled by batch/256 where "
@@ -352,12 +394,20 @@ def render_markdown(runs: list[MethodRun], baseline: dict | None, meta: dict, no
         "",
         "train img/s: training images (not views) per second, training steps only; wall: the run's "
         "`wall_time_s`, from training set-up to the end of the final evaluation; pretext acc: the training "
-        "accuracy of a classification pretext task (rotation, patch location, jigsaw), mean over the last epoch.",
+        "accuracy of a classification pretext task (rotation, patch location, jigsaw; BEiT: the masked-token prediction), mean over the last epoch.",
     ]
     if colour:
         lines += ["", f"## Methods that need colour images ({COLOUR_DATA})", "", *_table(colour, None)]
+    if vit:
+        lines += ["", f"## Vision Transformers (`{VIT}`)", "",
+                  f"The same budget and evaluation on the CPU-sized ViT (`backbone={VIT}`: 128 wide, 4 blocks, 4 heads, "
+                  "4 px patches, i.e. 7x7 tokens of a 28 px image, 0.8M parameters); \"random\" is a randomly "
+                  f"initialised `{VIT}`. `beit@{VIT}` reads the visual tokens of the `{TOKENIZER_ENTRY}` run above "
+                  "(a VQ-VAE on the convnet, one token per 4x4 px patch). MAE is known to be weak under frozen-feature "
+                  "probes (kNN, linear) and strong under fine-tuning, which this table does not measure.",
+                  "", *_table(vit, raw_knn)]
     lines += ["",
-              "Overrides of each run (after `python -m src.train`, besides `hydra.run.dir=<out>/<method>`):", ""]
+              "Overrides of each run (after `python -m src.train`, besides `hydra.run.dir=<out>/<entry>`):", ""]
     for run in runs:
         cpu = CPU_OVERRIDES.get(run.method, [])
         cpu_txt = " ".join(f"`{o}`" for o in cpu) if cpu else "none"
@@ -402,13 +452,13 @@ def _table(runs: list[MethodRun], raw_knn: float | None) -> list[str]:
 
 
 def format_stdout_table(runs: list[MethodRun], baseline: dict | None) -> str:
-    head = f"{'method':<14} {'kNN':>6} {'linear':>6} {'rndKNN':>6} {'rndLin':>6} {'img/s':>6} {'wall s':>6}  status"
+    head = f"{'method':<18} {'kNN':>6} {'linear':>6} {'rndKNN':>6} {'rndLin':>6} {'img/s':>6} {'wall s':>6}  status"
     lines = [head, "-" * len(head)]
     for run in runs:
         r = run.results or {}
         status = ("ok (reused)" if run.ok and run.reused else "ok" if run.ok
                   else f"not run: {run.skipped}" if run.skipped else f"FAILED: {run.error}")
-        lines.append(f"{run.method:<14} {_num(r.get('knn_top1')):>6} {_num(r.get('linear_top1')):>6} "
+        lines.append(f"{run.method:<18} {_num(r.get('knn_top1')):>6} {_num(r.get('linear_top1')):>6} "
                      f"{_num(r.get('random_knn_top1')):>6} {_num(r.get('random_linear_top1')):>6} "
                      f"{_num(r.get('train_images_per_s'), '.0f'):>6} {_num(r.get('wall_time_s'), '.0f'):>6}  {status}")
     if baseline:
@@ -417,6 +467,19 @@ def format_stdout_table(runs: list[MethodRun], baseline: dict | None) -> str:
                   f"raw-pixel Euclidean {baseline['euclid_k']}-NN (all {baseline['euclid_train']:,} train): "
                   f"{baseline['euclid_top1']:.2f}"]
     return "\n".join(lines)
+
+
+def missing_requirement(entry: str, runs: list[MethodRun], out: Path) -> str | None:
+    """Why ``entry`` cannot run: the entry it reads (BEiT: the tokenizer) failed here or left no checkpoint."""
+    need = REQUIRES.get(entry)
+    if need is None:
+        return None
+    earlier = next((r for r in runs if r.method == need), None)
+    if earlier is not None and not earlier.ok:
+        return f"needs the checkpoint of the {need} run, which did not finish"
+    if not (out / folder_name(need) / "checkpoints" / "last.ckpt").is_file():
+        return f"needs the checkpoint of the {need} run ({out / folder_name(need)}); run that entry first"
+    return None
 
 
 def _git_commit() -> str:
@@ -445,7 +508,8 @@ def _machine() -> str:
 # ---- command line --------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m src.bench.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", help="comma-separated methods (default: every conf/method/*.yaml but the alias moco)")
+    p.add_argument("--methods", help="comma-separated entries, method or method@backbone (default: every method on "
+                   "the convnet but the alias moco and the ViT-only ones, then mae, beit, dino and moco_v3 on vit_cpu)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--train-samples", type=int, default=10240, help="pre-training subset (data.max_train_samples)")
     p.add_argument("--seed", type=int, default=0)
@@ -463,9 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     available = default_methods()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else available
-    unknown = [m for m in methods if m not in group_options("method")]
+    unknown = [m for m in methods if split_entry(m)[0] not in group_options("method")
+               or split_entry(m)[1] not in group_options("backbone")]
     if unknown or not methods:
-        print(f"error: unknown method {', '.join(unknown) or '(none given)'}; available: {', '.join(available)}",
+        print(f"error: unknown method or backbone {', '.join(unknown) or '(none given)'}; available: "
+              f"{', '.join(available)} (method@backbone for another backbone)",
               file=sys.stderr)
         return 2
     meta = {"epochs": args.epochs, "train_samples": args.train_samples, "seed": args.seed,
@@ -490,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
         if data != GRAY_DATA and (colour_missing := colour_missing or colour_data_missing(args.extra)):
             runs.append(MethodRun(m, overrides_of(cmd), skipped=colour_missing, data=data))
             print(f"[quality] {m}: not run: {colour_missing}", flush=True)
+            continue
+        if why := missing_requirement(m, runs, args.out):
+            runs.append(MethodRun(m, overrides_of(cmd), skipped=why, data=data))
+            print(f"[quality] {m}: not run: {why}", flush=True)
             continue
         budget = budget_record(args.epochs, args.train_samples, args.seed, overrides_of(cmd))
         run = run_method(cmd, m, args.out, budget, args.reuse)
