@@ -240,3 +240,14 @@ def test_beit_masks_are_blocks_of_the_stated_count_and_bounds(grid, ratio):
     assert batch.shape == (4, grid[0] * grid[1]) and (batch.sum(dim=1) == num).all()
     torch.manual_seed(0)
     assert torch.equal(block_masks(4, grid, ratio), batch)  # reproducible from torch's seed
+
+
+@pytest.mark.parametrize("name", ["dino_vit_small_imagenet", "moco_v3_vit_small_imagenet", "mae_vit_base_imagenet"])
+def test_vit_experiments_compose_and_pass_the_preflight_check(name):
+    """The recipe keeps its own data (ImageNet, whose root a user gives); on 224 px fake data it passes every check."""
+    cfg = compose([f"experiment={name}"], return_hydra_config=True)
+    assert cfg.hydra.runtime.choices.data == "imagenet" and cfg.backbone.patch_size == 16
+    fake = compose([f"experiment={name}", "data=fake", "data.image_size=224", "data.crop_size=224", "hardware=cpu",
+                    "precision=fp32"])
+    assert config_problems(fake) == []
+    assert instantiate(fake.views).groups[-1]["size"] % 16 == 0  # DINO's local crops: 96 px = 6x6 patches

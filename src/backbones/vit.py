@@ -84,6 +84,10 @@ class ViT(nn.Module):
                                 f"views into whole patches; set {key}={lower or upper} (or {upper})")
         return problems
 
+    @property
+    def in_channels(self) -> int:
+        return self.net.patch_embed.proj.in_channels  # follows with_in_channels (colorization's L input)
+
     # ---- tokens ---------------------------------------------------------------------------------------
     def grid(self, x: Tensor) -> tuple[int, int]:
         """The patch grid (h, w) of images ``x`` (B, C, H, W)."""

@@ -106,7 +106,10 @@ class AttentionMaps(_Pictures):
     what = "attention"
 
     def applies(self, pl_module):
-        return callable(getattr(pl_module.backbone, "last_attention", None))
+        """A ViT that reads the views as they are (not colorization's L channel, say)."""
+        backbone = pl_module.backbone
+        return callable(getattr(backbone, "last_attention", None)) and \
+            getattr(backbone, "in_channels", None) == pl_module.views.mean.numel()
 
     def draw(self, pl_module, x):
         maps = pl_module.backbone.last_attention(x).float()  # N x heads x h x w
