@@ -26,3 +26,15 @@ def test_views_run_on_the_gpu_and_training_steps_are_finite(name, precision):
                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[Check()])
     trainer.fit(method, datamodule=instantiate(cfg.data))
     assert seen["device"] == "cuda" and torch.isfinite(torch.tensor(seen["loss"]))
+
+
+@pytest.mark.parametrize("name, overrides", [("dino", ["views.crops.2.size=8"]), ("moco_v3", [])])
+def test_joint_embedding_methods_run_on_a_vit_on_the_gpu_in_bf16(name, overrides):
+    cfg = tiny_cfg(name, *overrides, vit=True)
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(method, datamodule=instantiate(cfg.data))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    maps = method.backbone.to("cuda").last_attention(torch.randn(2, 3, 16, 16, device="cuda"))
+    torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, 2, device="cuda"))

@@ -132,6 +132,13 @@ def test_tokenizer_checkpoint_rebuilds_the_same_tokenizer():
     assert tokenizer.decode(ids, (4, 4)).shape == (2, 3, 16, 16)
 
 
+def test_tokenizer_draws_reconstructions_and_codes():
+    method = tiny("vqvae").eval()
+    rows = method.pictures(method.images(views_of(method, n=5)))
+    assert list(rows) == ["input", "reconstruction", "codes"]
+    assert all(r.shape == (5, 3, 16, 16) and r.min() >= 0 and r.max() <= 1 for r in rows.values())
+
+
 # ---- BEiT -----------------------------------------------------------------------------------------------
 def test_beit_predicts_the_tokens_of_the_masked_patches_only():
     method = tiny("beit")

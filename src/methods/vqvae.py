@@ -11,7 +11,7 @@ The token grid is the backbone's feature map: its stride must equal the ViT's pa
 3 has stride 4, the ViT patch size of 28 and 32 px crops), which BEiT checks. The backbone is what evaluation
 measures, as for the other pretext tasks. Logged: reconstruction and commitment terms, the codebook's
 perplexity (effective number of codes in use) and the share of codes used in the batch; pictures show input,
-reconstruction and the decoded most frequent codes.
+reconstruction and decoded codes (each tiled over the grid), from the most used one down.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class VQVAE(PretextTask):
     @torch.no_grad()
     def pictures(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         q, x_hat = self.reconstruct(x)
-        top = q.usage.argsort(descending=True)[: x.shape[0]]  # the most used codes of these images
+        order = q.usage.argsort(descending=True)[: int((q.usage > 0).sum())]  # codes these images use, most used first
+        top = order[torch.linspace(0, len(order) - 1, x.shape[0], device=x.device).round().long()]  # spread over ranks
         side = x.shape[-1] // self.stride
         codes = self.decode(top.view(-1, 1).expand(-1, side * side), (side, side))  # each code tiled over the grid
         return {"input": self.rgb(x), "reconstruction": self.rgb(x_hat.float()), "codes": self.rgb(codes)}
