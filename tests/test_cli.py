@@ -85,7 +85,7 @@ STRICT = ["data=imagefolder", f"data.root={IMAGES}", "data.labelled=false", "dat
           "backbone.width=8", "eval=none", "trainer.max_epochs=1"]  # one batch of 4 holds the broken file
 
 BAD_INPUTS = {
-    "unknown method": (["method=mocoo"], "unknown method 'mocoo'; available: barlow_twins, byol, "),
+    "unknown method": (["method=mocoo"], "unknown method 'mocoo'; available: barlow_twins, beit, byol, "),
     "unknown backbone": (["backbone=resnet7"], "unknown backbone 'resnet7'"),
     "unknown dataset": (["data=mnist2"], "unknown data 'mnist2'"),
     "missing dataset root": (["method=moco", "data=imagenet"], "data.root is not set"),
