@@ -143,6 +143,9 @@ def test_vit_weights_load_with_any_prefix_and_another_grid(tmp_path):
     torch.testing.assert_close(same(x), src(x))
     bigger = ViT(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, pretrained=str(path))
     assert bigger.net.pos_embed.shape == (1, 65, 32)  # resampled from 4x4 to 8x8
+    gray = ViT(img_size=16, patch_size=4, in_channels=1, embed_dim=32, depth=2, num_heads=2, pretrained=str(path)).eval()
+    torch.testing.assert_close(gray(x.mean(dim=1, keepdim=True).expand(-1, 1, -1, -1)),
+                               src(x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)))  # RGB weights summed for gray
     with pytest.raises(UserError, match=r"does not fit this ViT \(64 wide, depth 2\).*another shape"):
         ViT(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, pretrained=str(path))
 

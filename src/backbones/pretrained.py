@@ -86,14 +86,15 @@ def match_prefix(source: dict[str, Tensor], target: set[str]) -> tuple[str, dict
     return prefix, {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix) and k[len(prefix):] in target}
 
 
-def adapt_input_channels(name: str, value: Tensor, want: Tensor) -> Tensor:
-    """A first convolution of RGB weights for a grayscale network (or the reverse): channels summed (or
-    repeated and rescaled) as timm's ``adapt_input_conv`` does; any other shape is returned unchanged."""
-    if value.ndim == 4 and want.ndim == 4 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:] \
-            and {value.shape[1], want.shape[1]} == {1, 3}:
-        from timm.models import adapt_input_conv
-
-        return adapt_input_conv(want.shape[1], value)
+def adapt_input_channels(value: Tensor, want: Tensor) -> Tensor:
+    """A first convolution of RGB weights for a grayscale network (the 3 input channels summed: the response to a
+    gray image stays the same) or of grayscale weights for an RGB one (repeated and divided by 3); any other shape
+    is returned unchanged."""
+    if value.ndim == 4 and want.ndim == 4 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]:
+        if (value.shape[1], want.shape[1]) == (3, 1):
+            return value.sum(dim=1, keepdim=True)
+        if (value.shape[1], want.shape[1]) == (1, 3):
+            return value.repeat(1, 3, 1, 1) / 3
     return value
 
 
@@ -110,7 +111,7 @@ def load_pretrained(net: nn.Module, path: str | Path, what: str,
                         f"of {what} (e.g. {next(iter(want))}); is it a checkpoint of another architecture?")
     if adapt is not None:
         found = adapt(found)
-    found = {k: adapt_input_channels(k, v, want[k]) for k, v in found.items()}
+    found = {k: adapt_input_channels(v, want[k]) for k, v in found.items()}
     missing = [k for k in want if k not in found and not k.endswith("num_batches_tracked")]
     shapes = [f"{k} {tuple(v.shape)} instead of {tuple(want[k].shape)}" for k, v in found.items()
               if v.shape != want[k].shape]
