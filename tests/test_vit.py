@@ -192,6 +192,8 @@ def test_any_timm_model_is_a_backbone_and_loads_a_state_dict(tmp_path):
     torch.testing.assert_close(again(x), net.eval()(x))
     with pytest.raises(UserError, match="not a timm architecture; did you mean test_resnet"):
         TimmBackbone("test_resnt")
+    assert config_problems(compose(["backbone=timm"])) == [
+        "backbone.name is not set: pass a timm architecture, e.g. backbone.name=convnext_tiny"]
     cfg = compose(["backbone=timm", "backbone.name=test_convnext", "backbone.model_kwargs={}"])
     assert config_problems(cfg) == [] and instantiate(cfg.backbone)(torch.randn(1, 1, 64, 64)).ndim == 2
 
