@@ -6,6 +6,10 @@ composed first, then the overrides (e.g. ``data=...`` or ``eval.final.k=20``). T
 built from the config and its weights must match the checkpoint exactly; a checkpoint of another
 backbone or method is one clear line. The evaluation is the run's final one (weighted kNN and a linear
 probe, from ``eval.final``); results go to stdout and to ``CKPT`` + ``.eval.json``.
+
+`python -m src.eval backbone=... [backbone.pretrained=FILE] [overrides]` (no checkpoint) measures a bare backbone the
+same way: random weights, or weights downloaded elsewhere (timm, torchvision, DINO, MAE, MoCo files; see
+src/backbones/pretrained.py); results go to stdout and, with a weights file, to ``FILE`` + ``.eval.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -30,7 +35,8 @@ from src.utils.errors import UserError
 from src.utils.preflight import fail, problems_for
 from src.utils.results import format_table
 
-USAGE = "usage: python -m src.eval path/to/last.ckpt [overrides such as data=... backbone=...]"
+USAGE = ("usage: python -m src.eval path/to/last.ckpt [overrides such as data=...], or python -m src.eval "
+         "backbone=... [backbone.pretrained=/path/to/weights] [data=...] for a backbone without a checkpoint")
 
 
 def run_overrides(ckpt: Path) -> list[str]:
@@ -107,9 +113,30 @@ def evaluate(ckpt: Path, overrides: list[str]) -> dict:
         raise UserError(f"{ckpt} does not match method {type(method).__name__} as configured: {problem}; pass the "
                         "method= and method.* settings of its run")
     method.load_state_dict(found, strict=True)
+    choices = compose([*saved, *overrides], return_hydra_config=True).hydra.runtime.choices
+    names = {group: choices.get(group) for group in ("method", "backbone", "data")}
+    return {"checkpoint": str(ckpt), **names, "epochs": state.get("epoch"), "global_step": state.get("global_step"),
+            **measure(method, method.views, cfg)}
 
+
+def evaluate_backbone(overrides: list[str]) -> dict:
+    """The same evaluation of a bare backbone (no checkpoint): random weights, or weights downloaded elsewhere
+    (``backbone=vit_small backbone.pretrained=dino_deitsmall16_pretrain.pth``)."""
+    problems = problems_for(overrides)
+    if problems:
+        raise UserError("\n".join(problems))
+    cfg = compose(overrides)
+    torch.manual_seed(cfg.seed)
+    backbone = instantiate(cfg.backbone)
+    choices = compose(overrides, return_hydra_config=True).hydra.runtime.choices
+    return {"weights": cfg.backbone.get("pretrained") or "random initialisation", "backbone": choices.get("backbone"),
+            "data": choices.get("data"), **measure(backbone, instantiate(cfg.views), cfg)}
+
+
+def measure(model, views, cfg) -> dict:
+    """kNN and linear probe of ``model``'s frozen features on ``cfg.data``'s evaluation splits (``eval.final``)."""
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
-    method.to(device).eval()
+    model.to(device).eval()
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
@@ -117,14 +144,11 @@ def evaluate(ckpt: Path, overrides: list[str]) -> dict:
         raise UserError(f"data={dm.name} has no labels here, so there is nothing to evaluate against")
     final = cfg.eval.get("final") or compose(["eval=default"]).eval.final
     start = time.time()
-    train = extract_features_with(method, method.views, dm.eval_train_dataloader(), device, final.max_train_items)
-    val = extract_features_with(method, method.views, dm.eval_val_dataloader(), device, final.max_val_items)
+    train = extract_features_with(model, views, dm.eval_train_dataloader(), device, final.max_train_items)
+    val = extract_features_with(model, views, dm.eval_val_dataloader(), device, final.max_val_items)
     (tx, ty), (vx, vy) = [(f.to(device), y.to(device)) for f, y in (train, val)]
     linear = train_linear_probe(tx, ty, vx, vy, dm.num_classes, final.linear_epochs, seed=cfg.seed)
-    choices = compose([*saved, *overrides], return_hydra_config=True).hydra.runtime.choices
-    names = {group: choices.get(group) for group in ("method", "backbone", "data")}
-    return {"checkpoint": str(ckpt), **names, "epochs": state.get("epoch"), "global_step": state.get("global_step"),
-            "knn_top1": round(knn_top1(tx, ty, vx, vy, dm.num_classes, final.k, final.temperature), 2),
+    return {"knn_top1": round(knn_top1(tx, ty, vx, vy, dm.num_classes, final.k, final.temperature), 2),
             "linear_top1": round(linear["top1"], 2), "linear_top5": round(linear["top5"], 2),
             "eval_train_split": dm.eval_split_names[0], "eval_val_split": dm.eval_split_names[1],
             "eval_train_items": int(tx.shape[0]), "eval_val_items": int(vx.shape[0]),
@@ -133,18 +157,25 @@ def evaluate(ckpt: Path, overrides: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+    if not argv or argv[0].startswith("-"):
         fail([USAGE])
-    ckpt = Path(argv[0])
+    bare = "=" in argv[0]  # no checkpoint: a backbone, random or from backbone.pretrained
     try:
-        results = evaluate(ckpt, argv[1:])
+        results = evaluate_backbone(argv) if bare else evaluate(Path(argv[0]), argv[1:])
     except UserError as e:
         fail(str(e).splitlines())
-    out = ckpt.with_name(ckpt.name + ".eval.json")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out)
-    print(format_table(results) + f"\n\nresults: {out}", flush=True)
+    except InstantiationException as e:  # a weights file that does not fit the backbone
+        if not isinstance(e.__cause__, UserError):
+            raise
+        fail(str(e.__cause__).splitlines())
+    source = results.get("checkpoint") or (results["weights"] if results["weights"] != "random initialisation" else None)
+    out = None
+    if source:
+        out = Path(source).with_name(Path(source).name + ".eval.json")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(out)
+    print(format_table(results) + (f"\n\nresults: {out}" if out else ""), flush=True)
 
 
 if __name__ == "__main__":

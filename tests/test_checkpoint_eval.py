@@ -74,3 +74,23 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
     path.write_text("hello")
     assert "is not a readable checkpoint" in one_error(run_eval(str(path)))
     assert "is not a file" in one_error(run_eval(str(tmp_path / "missing.ckpt")))
+
+
+def test_a_bare_backbone_with_downloaded_weights_is_evaluated_the_same_way(tmp_path):
+    """No checkpoint: `python -m src.eval backbone=... backbone.pretrained=FILE` (a state dict saved elsewhere,
+    with a prefix) gives the kNN and linear numbers of those weights; a file of another size is one line."""
+    from src.backbones.vit import ViT
+
+    torch.manual_seed(0)
+    vit = ViT(img_size=16, patch_size=4, in_channels=1, embed_dim=32, depth=2, num_heads=2)
+    weights = tmp_path / "downloaded.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in vit.net.state_dict().items()}}, weights)
+    common = ["data=digits", "backbone=vit_cpu", "backbone.depth=2", "backbone.num_heads=2", "eval=final_only",
+              "eval.final.linear_epochs=10"]
+    proc = run_eval(*common, "backbone.embed_dim=32", f"backbone.pretrained={weights}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "downloaded.pth.eval.json").read_text())
+    assert results["weights"] == str(weights) and results["backbone"] == "vit_cpu"
+    assert 15.0 < results["knn_top1"] <= 100.0 and results["eval_val_items"] == 360  # digits' test split
+    line = one_error(run_eval(*common, "backbone.embed_dim=64", f"backbone.pretrained={weights}"))
+    assert "does not fit this ViT (64 wide, depth 2)" in line
