@@ -94,3 +94,14 @@ def test_a_bare_backbone_with_downloaded_weights_is_evaluated_the_same_way(tmp_p
     assert 15.0 < results["knn_top1"] <= 100.0 and results["eval_val_items"] == 360  # digits' test split
     line = one_error(run_eval(*common, "backbone.embed_dim=64", f"backbone.pretrained={weights}"))
     assert "does not fit this ViT (64 wide, depth 2)" in line
+
+
+def test_a_checkpoint_transfers_to_another_dataset(run_dir):
+    """Pre-trained on digits (16 px), measured on Fashion-MNIST (28 px, same channel count): data=<other>."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = run_eval(str(ckpt), "data=fashion_mnist", "eval.final.max_train_items=2000",
+                    "eval.final.max_val_items=2000", "eval.final.linear_epochs=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "checkpoints" / "last.ckpt.eval.json").read_text())
+    assert results["data"] == "fashion_mnist" and results["eval_val_items"] == 2000
+    assert results["knn_top1"] > 30.0  # 10 classes: chance is 10%

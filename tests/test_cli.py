@@ -157,6 +157,9 @@ BAD_INPUTS = {
                                               "makes one token per 4x4 px but the ViT's patches are 8x8"),
     "unknown timm model": (["backbone=timm", "backbone.name=convnxt_tiny"],
                            "backbone.name=convnxt_tiny is not a timm architecture; did you mean convnext_tiny"),
+    "transfer dataset missing offline": (["data=eurosat", f"data.root={IMAGES}", "data.download=false"],
+                                         f"EuroSAT is not under data.root={IMAGES} and data.download=false: "
+                                         "torchvision expects eurosat/2750/<class>/*.jpg there"),
     "weights of another shape": (["backbone=resnet18", f"backbone.pretrained={WEIGHTS}"],
                                  "does not fit this resnet18 with the CIFAR stem: 1 have another shape (e.g. "
                                  "conv1.weight (64, 3, 7, 7) instead of (64, 1, 3, 3))"),

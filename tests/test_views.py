@@ -93,6 +93,28 @@ def test_identity_path_and_flip_are_exact():
     torch.testing.assert_close(out, _norm(gray, [0.5], [0.5]), atol=1e-5, rtol=0)
 
 
+def test_vertical_flips_and_right_angle_rotations_are_exact_and_per_sample():
+    img = _images(b=64, c=3, h=16, w=16)
+    vflipped = Views([dict(size=16, **{**PLAIN, "vflip_p": 1.0})], MEAN3, STD3)(img)[0]
+    torch.testing.assert_close(vflipped, _norm(img.flip(-2), MEAN3, STD3), atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    rotated = Views([dict(size=16, **{**PLAIN, "rot90_p": 0.75})], MEAN3, STD3)(img)[0]
+    seen = []
+    for i in range(64):  # every view is the image turned by a whole number of quarter turns
+        turns = [k for k in range(4)
+                 if torch.allclose(rotated[i], _norm(torch.rot90(img[i:i + 1], k, dims=(-2, -1)), MEAN3, STD3)[0],
+                                   atol=1e-5, rtol=0)]
+        assert len(turns) == 1, i
+        seen += turns
+    counts = torch.bincount(torch.tensor(seen), minlength=4)
+    assert (counts >= 6).all(), counts  # all four orientations occur (16 each expected of 64)
+    torch.manual_seed(0)
+    plain = Views([dict(size=16, scale=[0.5, 1.0])], MEAN3, STD3)(img)[0]
+    torch.manual_seed(0)
+    same = Views([dict(size=16, scale=[0.5, 1.0], vflip_p=0.0, rot90_p=0.0)], MEAN3, STD3)(img)[0]
+    assert torch.equal(plain, same)  # no extra random draws when they are off: other recipes are unchanged
+
+
 def test_zero_strength_jitter_is_identity_in_views():
     img = _images(h=16, w=16)
     cfg = {**PLAIN, "jitter_p": 1.0, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from src.data import datasets as ds
+from src.data import transfer
 from src.data.sampler import epoch_loader
 from src.utils.errors import UserError
 
@@ -29,8 +30,9 @@ class SSLDataModule(L.LightningDataModule):
                  download: bool = True, max_train_samples: int | None = None, train_dir: str = "train",
                  val_dir: str | None = "val", labelled: bool = True, seed: int = 0, skip_bad_images: bool = True):
         super().__init__()
-        if name not in IN_MEMORY | FOLDERS:
-            raise UserError(f"data.name={name!r} is unknown; allowed: {', '.join(sorted(IN_MEMORY | FOLDERS))}")
+        if name not in IN_MEMORY | FOLDERS | transfer.TRANSFER:
+            allowed = ", ".join(sorted(IN_MEMORY | FOLDERS | transfer.TRANSFER))
+            raise UserError(f"data.name={name!r} is unknown; allowed: {allowed}")
         self.name, self.root, self.image_size, self.channels = name, root, image_size, channels
         self.crop_size = crop_size or image_size
         self.num_classes, self.mean, self.std = num_classes, mean, std
@@ -59,6 +61,8 @@ class SSLDataModule(L.LightningDataModule):
             self._check_folders(train)
         elif self.name not in {"digits", "fake"} and not self.root:
             raise UserError(f"data.root is not set for {self.name}; pass data.root=/path/to/data")
+        elif self.name in transfer.TRANSFER and not self.download and (why := transfer.missing(self.name, self.root)):
+            raise UserError(why)
 
     def _check_folders(self, train: Path) -> None:
         """No images, or one class where evaluation needs labels: cheap checks (the first image found is
@@ -91,6 +95,11 @@ class SSLDataModule(L.LightningDataModule):
         self.check_root()
         if self.name in {"cifar10", "cifar100", "stl10", "fashion_mnist"} and self.download:
             self._load_in_memory(download=True)
+        if self.name in transfer.TRANSFER and self.download:
+            self._transfer(download=True)
+
+    def _transfer(self, download: bool):
+        return transfer.build(self.name, self.root, download, self.image_size, self.channels, self.skip_bad_images)
 
     def _load_in_memory(self, download: bool):
         if self.name == "digits":
@@ -120,6 +129,8 @@ class SSLDataModule(L.LightningDataModule):
             self.pretrain = ds.TensorImages(pretrain)
             self.eval_train, self.eval_val = ds.TensorImages(train), ds.TensorImages(test)
             self.has_labels = bool((train.labels >= 0).any())
+        elif self.name in transfer.TRANSFER:
+            self.pretrain, self.eval_train, self.eval_val, self.eval_split_names, self.folders = self._transfer(False)
         else:
             root = Path(self.root)
             self.pretrain = ds.FolderImages(str(root / self.train_dir), self.image_size, self.channels, self.labelled,

@@ -270,15 +270,19 @@ class FolderImages(Dataset):
     before any worker starts, and removed with the dataset); :attr:`skipped` reads them all.
     """
 
-    def __init__(self, root: str, image_size: int, channels: int = 3, labelled: bool = True, skip_bad: bool = True):
+    def __init__(self, root: str, image_size: int, channels: int = 3, labelled: bool = True, skip_bad: bool = True,
+                 samples: list[tuple[str, int]] | None = None, classes: list[str] | None = None):
         self.root, self.image_size, self.mode = Path(root), image_size, "L" if channels == 1 else "RGB"
         self.skip_bad = skip_bad
-        classes = sorted(d.name for d in self.root.iterdir() if d.is_dir()) if labelled else []
-        self.classes = classes
-        if classes:
-            self.samples = [(p, c) for c, name in enumerate(classes) for p in image_files(self.root / name)]
+        if samples is not None:  # a dataset's own file list (torchvision's split files: DTD, Flowers-102, Pets)
+            self.classes, self.samples = list(classes or []), [(str(p), int(c)) for p, c in samples]
         else:
-            self.samples = [(p, -1) for p in image_files(self.root)]
+            classes = sorted(d.name for d in self.root.iterdir() if d.is_dir()) if labelled else []
+            self.classes = classes
+            if classes:
+                self.samples = [(p, c) for c, name in enumerate(classes) for p in image_files(self.root / name)]
+            else:
+                self.samples = [(p, -1) for p in image_files(self.root)]
         if not self.samples:
             raise UserError(f"no images found under {root} (looked for {'/'.join(sorted(IMAGE_EXTENSIONS))} "
                             "files); point data.root at a folder with train/<class>/ image folders inside")

@@ -16,8 +16,8 @@ from torch import Tensor
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601
 DEFAULTS = dict(
-    num=1, size=None, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip_p=0.5, jitter_p=0.8, brightness=0.4,
-    contrast=0.4, saturation=0.4, hue=0.1, gray_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0),
+    num=1, size=None, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip_p=0.5, vflip_p=0.0, rot90_p=0.0, jitter_p=0.8,
+    brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, gray_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0),
     blur_kernel_frac=0.1, solarize_p=0.0, solarize_threshold=0.5,
 )  # fmt: skip
 
@@ -39,12 +39,18 @@ def _where_p(x: Tensor, p: float, fn: Callable[[Tensor], Tensor]) -> Tensor:
 
 
 def random_resized_crop_flip(
-    x: Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float], flip_p: float
+    x: Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float], flip_p: float,
+    vflip_p: float = 0.0, rot90_p: float = 0.0,
 ) -> Tensor:
-    """Per-sample random resized crop + horizontal flip as one affine grid. (B, C, H, W) -> (B, C, size, size).
+    """Per-sample random resized crop + horizontal flip (+ vertical flip, + rotation by 90, 180 or 270 degrees)
+    as one affine grid. (B, C, H, W) -> (B, C, size, size).
 
     Area fraction ~ U(scale), aspect ratio w/h log-uniform in ``ratio``; width and height are clamped to
     the image (no retries) and the crop is placed uniformly inside it. Bilinear, align_corners=False.
+    ``vflip_p``: probability of a vertical flip; ``rot90_p``: probability of a rotation by k x 90 degrees, k
+    uniform in {1, 2, 3} (rot90_p = 0.75 makes all four orientations equally likely). The square output grid
+    maps onto itself under these, so a full-image view is an exact flip or rotation. Without them
+    (probability 0) no random number is drawn for them: the views of other recipes are unchanged.
     """
     B, C, H, W = x.shape
     dev = x.device
@@ -55,10 +61,17 @@ def random_resized_crop_flip(
     x0 = torch.rand(B, device=dev) * (W - w)
     y0 = torch.rand(B, device=dev) * (H - h)
     flip = torch.where(torch.rand(B, device=dev) < flip_p, -1.0, 1.0)
-    theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0] = w / W * flip
+    vflip = torch.where(torch.rand(B, device=dev) < vflip_p, -1.0, 1.0) if vflip_p > 0 else torch.ones(B, device=dev)
+    k = torch.zeros(B, dtype=torch.long, device=dev)
+    if rot90_p > 0:
+        k = torch.where(torch.rand(B, device=dev) < rot90_p, torch.randint(1, 4, (B,), device=dev), k)
+    cos = torch.tensor([1.0, 0.0, -1.0, 0.0], device=dev)[k]  # exact cos / sin of k x 90 degrees
+    sin = torch.tensor([0.0, 1.0, 0.0, -1.0], device=dev)[k]
+    sx, sy = w / W * flip, h / H * vflip
+    theta = torch.zeros(B, 2, 3, device=dev)  # input = diag(sx, sy) @ rotation(k) @ output + centre
+    theta[:, 0, 0], theta[:, 0, 1] = sx * cos, -sx * sin
+    theta[:, 1, 0], theta[:, 1, 1] = sy * sin, sy * cos
     theta[:, 0, 2] = (2 * x0 + w) / W - 1
-    theta[:, 1, 1] = h / H
     theta[:, 1, 2] = (2 * y0 + h) / H - 1
     grid = F.affine_grid(theta, [B, C, size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -193,7 +206,7 @@ def _parse_group(i: int, group) -> dict:
 
     check(g["num"] >= 1, "num", ">= 1")
     check(g["size"] > 0, "size", "> 0")
-    for key in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p", "solarize_threshold"):
+    for key in ("flip_p", "vflip_p", "rot90_p", "jitter_p", "gray_p", "blur_p", "solarize_p", "solarize_threshold"):
         check(0 <= g[key] <= 1, key, "in [0, 1]")
     check(0 < g["scale"][0] <= g["scale"][1] <= 1, "scale", "[min, max] with 0 < min <= max <= 1")
     check(0 < g["ratio"][0] <= g["ratio"][1], "ratio", "[min, max] with 0 < min <= max")
@@ -212,7 +225,7 @@ class Views(torch.nn.Module):
 
     ``crops`` is a list of groups (dicts, or OmegaConf configs); group j yields ``num`` views of shape
     (B, C, size, size) and the output list holds the views of group 0 first, then group 1, ... Per view:
-    random resized crop + flip (one affine grid), colour jitter (p=jitter_p; fixed order brightness,
+    random resized crop + flips + 90-degree rotations (one affine grid), colour jitter (p=jitter_p; fixed order brightness,
     contrast, saturation, hue; hue shifted in HSV), random grayscale (ITU-R 601 luma, keeps 3 channels),
     Gaussian blur, solarisation, clamp to [0, 1], normalisation with ``mean`` / ``std``.
 
@@ -251,7 +264,7 @@ class Views(torch.nn.Module):
     def _view(self, x: Tensor, g: dict) -> Tensor:
         """One random view (B, C, size, size) of float images x (B, C, H, W) in [0, 1]."""
         B, dev = x.shape[0], x.device
-        x = random_resized_crop_flip(x, g["size"], g["scale"], g["ratio"], g["flip_p"])
+        x = random_resized_crop_flip(x, g["size"], g["scale"], g["ratio"], g["flip_p"], g["vflip_p"], g["rot90_p"])
 
         def factor(strength: float, center: float) -> Tensor | None:
             lo = center - strength if center == 0 else max(0.0, center - strength)

@@ -9,14 +9,16 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum whose per-tensor step is scaled by the trust ratio
     ``eta * ||w|| / ||g + weight_decay * w||`` (the form SimCLR and BYOL use). Parameter groups
     with ``lars_exclude=True`` (biases and norms, set by the method's param groups) skip both weight decay and adaptation.
+    ``clip=True`` caps the adapted rate at the group's rate: the scale becomes min(trust / lr, 1) (apex's LARC
+    with clip, as solo-learn's CIFAR recipes use it with eta 0.02).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 1e-3,
-                 nesterov: bool = False):
+                 nesterov: bool = False, clip: bool = False):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      nesterov=nesterov, lars_exclude=False))
+                                      nesterov=nesterov, clip=clip, lars_exclude=False))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -35,6 +37,8 @@ class LARS(torch.optim.Optimizer):
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
                     trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
                                         torch.ones_like(w_norm))
+                    if group["clip"]:
+                        trust = torch.clamp(trust / group["lr"], max=1.0)
                     g = g.mul(trust)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
