@@ -39,6 +39,7 @@ warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")  # DataPosition resumes it
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # BEiT's frozen tokenizer
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
