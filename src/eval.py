@@ -99,7 +99,7 @@ def evaluate(ckpt: Path, overrides: list[str]) -> dict:
     problems = problems_for([*saved, *overrides])
     if problems:
         raise UserError("\n".join(problems))
-    cfg = compose([*saved, *overrides])
+    cfg = compose([*saved, *overrides], return_hydra_config=True)  # hydra.runtime.choices: the groups' options
     torch.manual_seed(cfg.seed)
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
     expected, found = method.state_dict(), state["state_dict"]
@@ -113,7 +113,7 @@ def evaluate(ckpt: Path, overrides: list[str]) -> dict:
         raise UserError(f"{ckpt} does not match method {type(method).__name__} as configured: {problem}; pass the "
                         "method= and method.* settings of its run")
     method.load_state_dict(found, strict=True)
-    choices = compose([*saved, *overrides], return_hydra_config=True).hydra.runtime.choices
+    choices = cfg.hydra.runtime.choices
     names = {group: choices.get(group) for group in ("method", "backbone", "data")}
     return {"checkpoint": str(ckpt), **names, "epochs": state.get("epoch"), "global_step": state.get("global_step"),
             **measure(method, method.views, cfg)}
@@ -125,10 +125,10 @@ def evaluate_backbone(overrides: list[str]) -> dict:
     problems = problems_for(overrides)
     if problems:
         raise UserError("\n".join(problems))
-    cfg = compose(overrides)
+    cfg = compose(overrides, return_hydra_config=True)  # with hydra.runtime.choices: which option of each group
+    choices = cfg.hydra.runtime.choices
     torch.manual_seed(cfg.seed)
     backbone = instantiate(cfg.backbone)
-    choices = compose(overrides, return_hydra_config=True).hydra.runtime.choices
     return {"weights": cfg.backbone.get("pretrained") or "random initialisation", "backbone": choices.get("backbone"),
             "data": choices.get("data"), **measure(backbone, instantiate(cfg.views), cfg)}
 

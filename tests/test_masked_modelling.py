@@ -93,6 +93,21 @@ def test_quantizer_takes_the_nearest_code_and_passes_gradients_straight_through(
     assert torch.equal(vq.codebook, codebook)  # eval mode: no EMA update
 
 
+def test_quantizer_in_eval_mode_runs_no_collective(monkeypatch):
+    """BEiT's tokens and the pictures (drawn on rank 0 alone) quantize in eval mode: a collective there would
+    leave the other ranks waiting under DDP."""
+    import src.nn.quantizer as quantizer
+
+    def refuse(*args):
+        raise AssertionError("a collective in eval mode")
+
+    for name in ("all_reduce_sum", "gather", "broadcast"):
+        monkeypatch.setattr(quantizer.du, name, refuse)
+    vq = VectorQuantizer(5, 3).eval()
+    q = vq(torch.randn(2, 3, 2, 2))
+    assert q.usage.sum() == 8 and q.ids.shape == (2, 2, 2)
+
+
 def test_quantizer_ema_update_follows_the_formula():
     torch.manual_seed(0)
     vq = VectorQuantizer(3, 2, decay=0.9, eps=0.0, restart_threshold=0.0).train()

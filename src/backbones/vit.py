@@ -182,7 +182,7 @@ def has_token_api(backbone: nn.Module | type) -> bool:
     return all(callable(getattr(backbone, name, None)) for name in ("tokens", "encode", "patchify"))
 
 
-def needs_tokens(backbone: nn.Module, who: str) -> None:
+def require_token_api(backbone: nn.Module, who: str) -> None:
     """Masked image modelling reads the token API: raise ValueError naming ``who`` for a backbone without it."""
     if not has_token_api(backbone):
         raise ValueError(f"{who} needs a ViT backbone (backbone=vit_cpu, vit_tiny, vit_small or vit_base); "

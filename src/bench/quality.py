@@ -94,7 +94,7 @@ def folder_name(entry: str) -> str:
     return entry.replace("@", "_")
 
 
-def needs_tokens(method: str) -> bool:
+def reads_tokens(method: str) -> bool:
     from hydra.utils import get_class
 
     return getattr(get_class(compose([f"method={method}"]).method._target_), "needs_tokens", False)
@@ -102,7 +102,7 @@ def needs_tokens(method: str) -> bool:
 
 def default_methods() -> list[str]:
     """Every method on the convnet (but the alias moco and the ViT-only methods), then the ViT entries."""
-    convnet = [m for m in group_options("method") if m not in ALIASES and not needs_tokens(m)]
+    convnet = [m for m in group_options("method") if m not in ALIASES and not reads_tokens(m)]
     return convnet + [f"{m}@{VIT}" for m in ("mae", "beit", "dino", "moco_v3")]
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import lightning as L
@@ -52,7 +53,7 @@ def heat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([(3 * x).clamp(0, 1), (3 * x - 1).clamp(0, 1), (3 * x - 2).clamp(0, 1)], dim=1)
 
 
-class _Pictures(L.Callback):
+class _Pictures(L.Callback, ABC):
     """Every ``every_n_epochs`` epochs and after the last one (``None``: only after the last one), rank 0 draws
     ``num_images`` held-out images in eval mode; ``self.saved`` lists the files written."""
 
@@ -65,12 +66,13 @@ class _Pictures(L.Callback):
         self.every_n_epochs, self.num_images = every_n_epochs, num_images
         self.saved: list[Path] = []
 
+    @abstractmethod
     def applies(self, pl_module: L.LightningModule) -> bool:
-        raise NotImplementedError
+        """Whether this method (or its backbone) can be drawn at all."""
 
+    @abstractmethod
     def draw(self, pl_module: L.LightningModule, x: torch.Tensor) -> tuple[torch.Tensor, str]:
         """(grid C x H x W in [0, 1], caption) for normalised evaluation views ``x``."""
-        raise NotImplementedError
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

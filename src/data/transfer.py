@@ -23,13 +23,13 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from src.data.datasets import FolderImages
 from src.utils.errors import UserError
 
-# name -> (torchvision class, what it expects under data.root)
+# name -> (torchvision class, its folder under data.root, what it expects there)
 LAYOUTS = {
-    "eurosat": ("EuroSAT", "eurosat/2750/<class>/*.jpg"),
-    "pcam": ("PCAM", "pcam/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5"),
-    "flowers102": ("Flowers102", "flowers-102/jpg/*.jpg, imagelabels.mat and setid.mat"),
-    "dtd": ("DTD", "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/*.txt"),
-    "pets": ("OxfordIIITPet", "oxford-iiit-pet/images/*.jpg and oxford-iiit-pet/annotations/*.txt"),
+    "eurosat": ("EuroSAT", "eurosat/2750", "eurosat/2750/<class>/*.jpg"),
+    "pcam": ("PCAM", "pcam", "pcam/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5"),
+    "flowers102": ("Flowers102", "flowers-102", "flowers-102/jpg/*.jpg, imagelabels.mat and setid.mat"),
+    "dtd": ("DTD", "dtd/dtd", "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/*.txt"),
+    "pets": ("OxfordIIITPet", "oxford-iiit-pet", "oxford-iiit-pet/images/*.jpg and oxford-iiit-pet/annotations/*.txt"),
 }
 TRANSFER = set(LAYOUTS)
 
@@ -38,7 +38,7 @@ def torchvision_dataset(name: str, root: str, download: bool, **kwargs):
     """torchvision's dataset object for ``name`` (files only; nothing is decoded), or one clear error line."""
     import torchvision.datasets as tvd
 
-    cls_name, layout = LAYOUTS[name]
+    cls_name, _, layout = LAYOUTS[name]
     if name == "pcam":
         try:
             import h5py  # noqa: F401 - torchvision's PCAM reads its h5 files with it
@@ -120,11 +120,9 @@ def build(name: str, root: str, download: bool, image_size: int, channels: int,
 
 def missing(name: str, root: str) -> str | None:
     """Why ``name`` cannot be read from ``root`` without downloading (checked before a run starts), or None."""
-    expected = {"eurosat": "eurosat/2750", "pcam": "pcam", "flowers102": "flowers-102", "dtd": "dtd/dtd",
-                "pets": "oxford-iiit-pet"}[name]
-    if (Path(root) / expected).is_dir():
+    cls_name, folder, layout = LAYOUTS[name]
+    if (Path(root) / folder).is_dir():
         return None
-    cls_name, layout = LAYOUTS[name]
     return (f"{cls_name} is not under data.root={root} and data.download=false: torchvision expects {layout} there; "
             f"download it where there is internet (torchvision.datasets.{cls_name}(root, download=True)) and copy it, "
             "or set data.root to the folder holding it")

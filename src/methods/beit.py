@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.backbones.vit import needs_tokens
-from src.methods.pretext_base import PretextTask, accuracy, mask_ratio_problems, token_backbone_problems
+from src.methods.pretext_base import PretextTask, accuracy, mask_ratio_problems
 from src.nn.masks import block_masks
 from src.utils.errors import UserError
 
@@ -85,7 +84,6 @@ class BEiT(PretextTask):
     def __init__(self, backbone, views, optimizer, tokenizer: str | None = None, mask_ratio: float = 0.4,
                  min_block: int | None = None, min_aspect: float = 0.3, **kwargs):
         super().__init__(backbone, views, optimizer, **kwargs)
-        needs_tokens(backbone, type(self).__name__)
         for problem in tokenizer_problems(tokenizer, backbone.patch_size, views.mean.numel()):
             raise UserError(problem)
         self.tokenizer = load_tokenizer(tokenizer)
@@ -123,8 +121,7 @@ class BEiT(PretextTask):
     @torch.no_grad()
     def pictures(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         grid = self.backbone.grid(x)
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(0)  # the same masks at every epoch
+        with self.fixed_randomness(x):  # the same masks at every epoch
             mask, logits = self.predict(x)
         ids = self.visual_tokens(x)
         predicted = torch.where(mask, logits.argmax(dim=-1), ids)
@@ -137,7 +134,7 @@ class BEiT(PretextTask):
     @classmethod
     def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
         problems = super().config_problems(cfg, global_batch, num_views)
-        problems += token_backbone_problems(cls, cfg) + mask_ratio_problems(cfg.method.get("mask_ratio", 0.4))
+        problems += mask_ratio_problems(cfg.method.get("mask_ratio", 0.4))
         if problems:
             return problems
         return tokenizer_problems(cfg.method.get("tokenizer"), cfg.backbone.get("patch_size"), cfg.data.get("channels"))

@@ -52,8 +52,7 @@ class Inpainting(PretextTask):
 
     @torch.no_grad()
     def pictures(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(0)  # the same random holes at every epoch; training's RNG streams are left alone
+        with self.fixed_randomness(x):  # the same random holes at every epoch
             x_in, hole, x_hat = self.reconstruct(x)
         return {"input": self.rgb(x_in), "prediction": self.rgb(torch.where(hole, x_hat.float(), x)),
                 "target": self.rgb(x)}

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from src.backbones.vit import needs_tokens
-from src.methods.pretext_base import PretextTask, mask_ratio_problems, token_backbone_problems
+from src.methods.pretext_base import PretextTask, mask_ratio_problems
 from src.nn.mae_decoder import MAEDecoder
 from src.nn.masks import random_masking
 
@@ -26,7 +25,6 @@ class MAE(PretextTask):
     def __init__(self, backbone, views, optimizer, mask_ratio: float = 0.75, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True, **kwargs):
         super().__init__(backbone, views, optimizer, **kwargs)
-        needs_tokens(backbone, type(self).__name__)
         channels, p = views.mean.numel(), backbone.patch_size
         self.decoder = MAEDecoder(backbone.out_dim, p * p * channels, decoder_dim, decoder_depth, decoder_heads)
 
@@ -52,8 +50,7 @@ class MAE(PretextTask):
 
     @torch.no_grad()
     def pictures(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(0)  # the same masks at every epoch; training's RNG streams are left alone
+        with self.fixed_randomness(x):  # the same masks at every epoch
             masking, pred = self.reconstruct(x)
         pixels = self.backbone.patchify(x)
         pred = pred.float()
@@ -68,4 +65,4 @@ class MAE(PretextTask):
     @classmethod
     def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
         problems = super().config_problems(cfg, global_batch, num_views)
-        return problems + token_backbone_problems(cls, cfg) + mask_ratio_problems(cfg.method.get("mask_ratio", 0.75))
+        return problems + mask_ratio_problems(cfg.method.get("mask_ratio", 0.75))

@@ -8,9 +8,13 @@ measures; task heads and decoders belong to the method.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from src.backbones.vit import has_token_api, require_token_api
 from src.methods.base import SSLMethod, num_global_views
 
 
@@ -34,8 +38,6 @@ def colour_problems(cls: type, cfg: DictConfig) -> list[str]:
 def token_backbone_problems(cls: type, cfg: DictConfig) -> list[str]:
     """One line when the backbone has no ViT token API (MAE and BEiT encode patch tokens)."""
     from hydra.utils import get_class
-
-    from src.backbones.vit import has_token_api
 
     try:
         backbone_cls = get_class(cfg.backbone._target_)
@@ -64,16 +66,32 @@ class PretextTask(SSLMethod):
     min_global_batch = 1
     min_views = 1
     needs_colour = False  # colorization and split-brain predict colour from lightness: RGB data only
+    needs_tokens = False  # MAE and BEiT encode ViT patch tokens: a backbone with the token API only
+
+    def __init__(self, backbone, views, optimizer, **kwargs):
+        super().__init__(backbone, views, optimizer, **kwargs)
+        if self.needs_tokens:
+            require_token_api(backbone, type(self).__name__)
 
     @classmethod
     def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
         problems = super().config_problems(cfg, global_batch, num_views)
-        return problems + (colour_problems(cls, cfg) if cls.needs_colour else [])
+        problems += colour_problems(cls, cfg) if cls.needs_colour else []
+        return problems + (token_backbone_problems(cls, cfg) if cls.needs_tokens else [])
 
     def images(self, views: list[torch.Tensor]) -> torch.Tensor:
         """The global views as one batch (B' x C x S x S, normalised): more than one view per image only
         adds samples."""
         return torch.cat(views[: num_global_views(views)])
+
+    @staticmethod
+    @contextlib.contextmanager
+    def fixed_randomness(x: torch.Tensor, seed: int = 0) -> Iterator[None]:
+        """The same random masks / holes at every call (pictures of fixed images), leaving training's RNG streams
+        of ``x``'s device as they were."""
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
 
     def rgb(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised views back to [0, 1] colours."""

@@ -30,7 +30,7 @@ class Quantized(NamedTuple):
     ids: Tensor  # B x h x w long, the code of each position
     commitment: Tensor  # mean ||z_e - sg(z_q)||^2 per channel
     perplexity: Tensor  # exp(entropy) of the batch's code usage, in [1, K]
-    usage: Tensor  # K: how many positions of the global batch took each code
+    usage: Tensor  # K: how many positions took each code (of the global batch in training, else this one)
 
 
 def nearest_codes(z: Tensor, codebook: Tensor) -> Tensor:
@@ -58,8 +58,9 @@ class VectorQuantizer(nn.Module):
             self._initialise(flat.detach())
         ids = nearest_codes(flat.detach(), self.codebook)  # N
         ones = torch.ones_like(ids, dtype=torch.float)
-        usage = du.all_reduce_sum(torch.zeros(self.num_codes, device=z.device).index_add_(0, ids, ones))  # K
-        if self.training:
+        usage = torch.zeros(self.num_codes, device=z.device).index_add_(0, ids, ones)  # K, this process
+        if self.training:  # every rank trains: the global counts; in eval (BEiT's tokens, pictures on rank 0) local
+            usage = du.all_reduce_sum(usage)
             self._update(flat.detach(), ids, usage)
         z_q = self.codebook[ids].reshape(B, h, w, C).permute(0, 3, 1, 2).to(z.dtype)  # B x C x h x w
         commitment = F.mse_loss(z, z_q.detach())
