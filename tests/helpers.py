@@ -31,10 +31,14 @@ def method_class(name: str):
 def tiny_cfg(method: str, *overrides: str, vit: bool | None = None):
     """The real configs of ``method`` shrunk to run in a second on CPU: fake 16 px data and an 8-channel convnet,
     or (``vit``, the default for methods that need ViT tokens) a 32-wide ViT of 2 blocks on 4 px patches. BEiT
-    gets the tiny tokenizer of :func:`tiny_tokenizer`."""
+    gets the tiny tokenizer of :func:`tiny_tokenizer`; CLIP class-prompt captions and a 1-block text tower."""
     vit = getattr(method_class(method), "needs_tokens", False) if vit is None else vit
     extra = [f"method.tokenizer={tiny_tokenizer()}"] if method == "beit" and "method.tokenizer" not in overrides_keys(
         overrides, full=True) else []
+    if getattr(method_class(method), "needs_captions", False):  # CLIP: class-prompt captions, a 1-block text tower
+        extra += [o for o in ("data.captions=class_prompts", "method.context_length=16", "method.text_width=32",
+                              "method.text_heads=2", "method.text_layers=1")
+                  if o.split("=")[0] not in overrides_keys(overrides, full=True)]
     cfg = compose([f"method={method}", "data=fake", *(TINY_VIT if vit else TINY_CONVNET), "data.batch_size=16",
                    "data.image_size=16", "data.crop_size=16", "logger=none", "eval=none", "trainer.max_epochs=1",
                    *extra, *overrides])

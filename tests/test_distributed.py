@@ -55,37 +55,43 @@ COMPARED = {
     "swav": lambda: make("swav"),
     "dino": lambda: make("dino"),
     "nnclr": lambda: make("nnclr", "method.queue_size=16"),
+    "clip": lambda: make("clip"),  # each rank's rows against the gathered columns
+    "clip_global": lambda: make("clip", "method.local_loss=false"),  # the whole matrix on every rank
 }
 
 
-def global_views(seed: int = 1):
+def global_batch(seed: int = 1):
+    """Two views and caption tokens (start token, 6 words, end token) of the global batch."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=g) for _ in range(2)]
+    words = torch.randint(1, 49000, (GLOBAL_BATCH, 6), generator=g)
+    text = torch.cat([torch.full((GLOBAL_BATCH, 1), 49406), words, torch.full((GLOBAL_BATCH, 1), 49407),
+                      torch.zeros(GLOBAL_BATCH, 8, dtype=torch.long)], dim=1)  # 16 tokens, as tiny_cfg's
+    return {"views": [torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=g) for _ in range(2)], "text": text}
 
 
-def loss_and_grads(model, views):
-    out = model.training_loss(views)
+def loss_and_grads(model, batch):
+    out = model.batch_loss(batch)
     loss = out[0] if isinstance(out, tuple) else out
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
 
 
-def run_steps(model, views_per_step):
+def run_steps(model, batches):
     """Loss and gradients of each step (no optimizer: the state buffers carry over between steps)."""
     out = []
-    for views in views_per_step:
+    for batch in batches:
         model.zero_grad()
-        out.append(loss_and_grads(model, views))
+        out.append(loss_and_grads(model, batch))
     return out
 
 
-def local_slice(views, rank, world):
+def local_slice(batch, rank, world):
     n = GLOBAL_BATCH // world
-    return [v[rank * n : (rank + 1) * n] for v in views]
+    return {"views": [v[rank * n : (rank + 1) * n] for v in batch["views"]], "text": batch["text"][rank * n : (rank + 1) * n]}
 
 
-STEPS = [global_views(1), global_views(2)]
+STEPS = [global_batch(1), global_batch(2)]
 
 
 def _free_port():

@@ -43,6 +43,7 @@ def test_paper_config_passes_the_preflight_check(name):
     overrides = ["data=cifar10"] if getattr(cls, "needs_colour", False) else []  # the default data is grayscale
     overrides += ["backbone=vit_small"] if getattr(cls, "needs_tokens", False) else []
     overrides += ["data=fake", f"method.tokenizer={tiny_tokenizer()}"] if name == "beit" else []  # RGB, stride 4
+    overrides += ["data.captions=class_prompts"] if getattr(cls, "needs_captions", False) else []
     assert config_problems(compose([f"method={name}", *overrides])) == []
 
 
@@ -72,7 +73,9 @@ def test_loss_decreases_on_a_fixed_batch(name):
     dm.setup("fit")
     images = torch.stack([dm.pretrain[i][0] for i in range(16)])
     torch.manual_seed(0)
-    views = method.views(images)
+    batch = {"views": method.views(images), "image": images}
+    if getattr(method, "tokenizer", None) is not None and len(dm.pretrain[0]) > 2:  # CLIP: the captions' tokens
+        batch["text"] = method.tokenizer([dm.pretrain[i][2] for i in range(16)])
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-3)  # one lr for all loss scales
     state = {n: b.clone() for n, b in method.named_buffers()}  # queues etc. held fixed: same batch, same state
     losses = []
@@ -80,7 +83,7 @@ def test_loss_decreases_on_a_fixed_batch(name):
         for n, b in method.named_buffers():
             b.copy_(state[n])
         torch.manual_seed(1)  # the same pseudo-labels each time (rotations, permutations, masks, MoCo's shuffle)
-        out = method.training_loss(views)
+        out = method.batch_loss(batch)
         loss = out[0] if isinstance(out, tuple) else out
         opt.zero_grad()
         loss.backward()

@@ -112,6 +112,19 @@ def extract_features(
     )
 
 
+def seeded_build(factory: Callable[[], nn.Module], seed: int, device: torch.device) -> nn.Module:
+    """``factory()`` built under its own RNG seeded with ``seed`` and moved to ``device``; the global random
+    streams (CPU and this device's) are left as they were, so a random baseline never shifts training's draws."""
+    cuda = device.type == "cuda"
+    index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else 0)
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        return factory().to(device)
+
+
 def labels_available(trainer: Any, callback: Any, what: str) -> bool:
     """True when the datamodule has labels; otherwise says once per callback that ``what`` is skipped."""
     if getattr(trainer.datamodule, "has_labels", False):

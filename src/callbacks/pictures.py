@@ -33,9 +33,10 @@ def held_out_images(trainer: L.Trainer, num: int) -> torch.Tensor:
     return torch.stack([torch.as_tensor(dataset[i][0]) for i in idx])
 
 
-def save_picture(trainer: L.Trainer, what: str, grid: torch.Tensor, caption: str) -> Path:
-    """Write ``grid`` (C x H x W in [0, 1]) to ``<run>/pictures/<what>_<epoch>.png`` and to W&B under ``what``."""
-    epoch = trainer.current_epoch + 1
+def save_picture(trainer: L.Trainer, what: str, grid: torch.Tensor, caption: str, epoch: int | None = None) -> Path:
+    """Write ``grid`` (C x H x W in [0, 1]) to ``<run>/pictures/<what>_<epoch>.png`` and to W&B under ``what``;
+    ``epoch`` (1-based) defaults to the one ending now."""
+    epoch = trainer.current_epoch + 1 if epoch is None else epoch
     path = Path(trainer.default_root_dir) / "pictures" / f"{what}_{epoch:04d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)

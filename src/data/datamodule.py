@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from src.data import captions as cap
 from src.data import datasets as ds
 from src.data import transfer
 from src.data.sampler import epoch_loader
@@ -21,6 +22,7 @@ from src.utils.errors import UserError
 
 IN_MEMORY = {"digits", "fashion_mnist", "cifar10", "cifar100", "stl10", "fake"}
 FOLDERS = {"imagenet", "imagenet100", "imagefolder"}
+CAPTIONS = "captions"  # pre-training on a caption file or shards only; data.root (optional) is a labelled folder tree
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -28,10 +30,14 @@ class SSLDataModule(L.LightningDataModule):
                  channels: int = 3, num_classes: int | None = 10, mean: list[float] | None = None, std: list[float] | None = None,
                  batch_size: int = 256, eval_batch_size: int = 512, num_workers: int = 0,
                  download: bool = True, max_train_samples: int | None = None, train_dir: str = "train",
-                 val_dir: str | None = "val", labelled: bool = True, seed: int = 0, skip_bad_images: bool = True):
+                 val_dir: str | None = "val", labelled: bool = True, seed: int = 0, skip_bad_images: bool = True,
+                 captions: str | None = None, caption_keys: list[str] | None = None, image_root: str | None = None,
+                 val_captions: str | None = None, held_out_pairs: int = 1000, num_samples: int | None = None,
+                 shuffle_buffer: int = 1000, class_names: list[str] | None = None,
+                 prompt_templates: list[str] | None = None):
         super().__init__()
-        if name not in IN_MEMORY | FOLDERS | transfer.TRANSFER:
-            allowed = ", ".join(sorted(IN_MEMORY | FOLDERS | transfer.TRANSFER))
+        if name not in IN_MEMORY | FOLDERS | transfer.TRANSFER | {CAPTIONS}:
+            allowed = ", ".join(sorted(IN_MEMORY | FOLDERS | transfer.TRANSFER | {CAPTIONS}))
             raise UserError(f"data.name={name!r} is unknown; allowed: {allowed}")
         self.name, self.root, self.image_size, self.channels = name, root, image_size, channels
         self.crop_size = crop_size or image_size
@@ -40,7 +46,17 @@ class SSLDataModule(L.LightningDataModule):
         self.download, self.max_train_samples, self.seed = download, max_train_samples, seed
         self.train_dir, self.val_dir, self.labelled = train_dir, val_dir, labelled
         self.skip_bad_images = skip_bad_images  # folders: a file that fails to decode is skipped (False: an error)
-        self.folders: list[ds.FolderImages] = []  # folder datasets, whose skipped files DataHealth reports
+        self.folders: list[ds.SkipLog] = []  # datasets whose skipped files DataHealth reports
+        # image–text pairs (src/data/captions.py): pre-training samples gain a caption, which the method's
+        # tokenizer (set by it in its setup hook) turns into tokens in the loader; held-out pairs for retrieval
+        self.captions, self.caption_keys, self.image_root = captions, list(caption_keys or ["filepath", "title"]), image_root
+        self.val_captions, self.held_out_pairs, self.num_samples = val_captions, held_out_pairs, num_samples
+        self.shuffle_buffer, self.class_names = shuffle_buffer, list(class_names) if class_names else None
+        self.prompt_templates = list(prompt_templates or cap.DEFAULT_TEMPLATES)
+        self.tokenizer = None
+        self.pairs: Dataset | None = None  # held-out image–caption pairs (all captions of each image)
+        self._captioned = None  # the pre-training caption dataset (its epoch picks the captions)
+        self._shards: list[str] = []  # WebDataset training shards
         self.pretrain: Dataset | None = None
         self.eval_train: Dataset | None = None
         self.eval_val: Dataset | None = None
@@ -50,7 +66,9 @@ class SSLDataModule(L.LightningDataModule):
     # ---- building the splits -------------------------------------------------------------------
     def check_root(self) -> None:
         """Fail early, in one line, when a dataset that needs a folder has none."""
-        if self.name in FOLDERS:
+        if self.name == CAPTIONS and not self.captions:
+            raise UserError("data=captions needs data.captions=<.csv/.tsv/.jsonl/COCO .json file or .tar shards>")
+        if self.name in FOLDERS or (self.name == CAPTIONS and self.root):
             if not self.root:
                 raise UserError(f"data.root is not set: {self.name} reads a class-per-folder tree; "
                                 f"pass data.root=/path/to/{self.name}")
@@ -59,7 +77,7 @@ class SSLDataModule(L.LightningDataModule):
                 raise UserError(f"data.root={self.root}: folder {train} does not exist; point data.root at "
                                 f"the dataset (with {self.train_dir}/ and {self.val_dir}/ inside)")
             self._check_folders(train)
-        elif self.name not in {"digits", "fake"} and not self.root:
+        elif self.name not in {"digits", "fake", CAPTIONS} and not self.root:
             raise UserError(f"data.root is not set for {self.name}; pass data.root=/path/to/data")
         elif self.name in transfer.TRANSFER and not self.download and (why := transfer.missing(self.name, self.root)):
             raise UserError(why)
@@ -131,6 +149,8 @@ class SSLDataModule(L.LightningDataModule):
             self.has_labels = bool((train.labels >= 0).any())
         elif self.name in transfer.TRANSFER:
             self.pretrain, self.eval_train, self.eval_val, self.eval_split_names, self.folders = self._transfer(False)
+        elif self.name == CAPTIONS and not self.root:  # no labelled tree: retrieval is the only evaluation
+            self.has_labels, self.eval_split_names = False, ("none", "none")
         else:
             root = Path(self.root)
             self.pretrain = ds.FolderImages(str(root / self.train_dir), self.image_size, self.channels, self.labelled,
@@ -148,13 +168,95 @@ class SSLDataModule(L.LightningDataModule):
             if self.has_labels and len(self.pretrain.classes) < 2:
                 raise UserError(f"data.root={self.root}: found {len(self.pretrain.classes)} class folder; "
                                 "evaluation needs at least 2 (or set data.labelled=false)")
-        if self.max_train_samples is not None and self.max_train_samples < len(self.pretrain):
+        if self.captions:
+            self._setup_captions()
+        if self._shards:  # a stream: max_train_samples shortens its epochs
+            self.num_samples = min(self.num_samples, self.max_train_samples or self.num_samples)
+        elif self.max_train_samples is not None and self.max_train_samples < len(self.pretrain):
             idx = torch.randperm(len(self.pretrain), generator=torch.Generator().manual_seed(self.seed))
             self.pretrain = Subset(self.pretrain, idx[: self.max_train_samples].tolist())
         world = self.trainer.world_size if self.trainer is not None else 1
-        if len(self.pretrain) < self.batch_size * world:
+        count = self.num_samples if self._shards else len(self.pretrain)
+        if count < self.batch_size * world:
             raise UserError(f"data.batch_size={self.batch_size} x {world} device(s) is larger than the "
-                            f"{len(self.pretrain)} pretraining images; lower data.batch_size")
+                            f"{count} pretraining images; lower data.batch_size")
+
+    # ---- image–text pairs -------------------------------------------------------------------------
+    def _setup_captions(self) -> None:
+        """Pre-training pairs and held-out pairs from ``data.captions`` (see src/data/captions.py)."""
+        size, seed = self.image_size, self.seed
+        if self.captions == "class_prompts":
+            if not self.has_labels:
+                raise UserError(f"data.captions=class_prompts needs a labelled dataset; data={self.name} has no labels")
+            labels = getattr(getattr(self.pretrain, "split", None), "labels", None)
+            if labels is not None and bool((labels < 0).any()):
+                raise UserError(f"data.captions=class_prompts: {int((labels < 0).sum())} pre-training images of "
+                                f"{self.name} have no label; use a dataset whose pre-training images are all labelled")
+            names = self.zeroshot_class_names()
+            self._captioned = cap.ClassPrompts(self.pretrain, names, self.prompt_templates, seed)
+            self.pretrain = self._captioned
+            self.pairs = cap.ClassPrompts(self.eval_val, names, self.prompt_templates, seed, all_captions=True)
+            return
+        if cap.caption_format(self.captions) == "webdataset":
+            self._shards = cap.shard_list(self.captions)
+            held = [] if self.val_captions or len(self._shards) < 2 else self._shards[-1:]
+            self._shards = self._shards[: len(self._shards) - len(held)]  # the last shard holds out pairs
+            self.num_samples = self.num_samples or cap.count_web_samples(self._shards)
+            self._web_log = ds.SkipLog()
+            self.folders.append(self._web_log)
+            self.pretrain = None
+            if held:
+                self.pairs = self._read_web_pairs(held)
+        else:
+            pairs, empty = cap.read_caption_file(self.captions, self.image_root, *self.caption_keys)
+            held: list = []
+            if not self.val_captions and self.held_out_pairs > 0:
+                order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+                n = min(self.held_out_pairs, len(pairs) // 5)
+                held, pairs = [pairs[i] for i in sorted(order[:n])], [pairs[i] for i in sorted(order[n:])]
+            self._captioned = cap.CaptionedImages(pairs, size, self.channels, self.skip_bad_images, seed)
+            self.pretrain = self._captioned
+            self.folders.append(self._captioned)
+            for where in empty:  # reported with the unreadable images (DataHealth)
+                self._captioned._record(where, "empty caption")
+            if held:
+                self.pairs = cap.CaptionedImages(held, size, self.channels, self.skip_bad_images, seed, all_captions=True)
+                self.folders.append(self.pairs)
+        if self.val_captions:
+            if cap.caption_format(self.val_captions) == "webdataset":
+                self.pairs = self._read_web_pairs(cap.shard_list(self.val_captions))
+            else:
+                held, _ = cap.read_caption_file(self.val_captions, self.image_root, *self.caption_keys)
+                self.pairs = cap.CaptionedImages(held, size, self.channels, self.skip_bad_images, seed, all_captions=True)
+                self.folders.append(self.pairs)
+
+    def _read_web_pairs(self, shards: list[str]) -> Dataset:
+        """Up to ``held_out_pairs`` held-out pairs of ``shards``, decoded once into memory."""
+        import itertools
+
+        log = ds.SkipLog()
+        self.folders.append(log)
+        samples = list(itertools.islice(cap.web_pairs(shards, self.image_size, self.channels, log._record, True),
+                                        self.held_out_pairs))
+        return samples
+
+    def zeroshot_class_names(self) -> list[str]:
+        """The class names zero-shot classification and class prompts use: ``data.class_names``, else the
+        dataset's own (known lists, the splits' or folders' names)."""
+        names = self.class_names or cap.CLASS_NAMES.get(self.name)
+        if names is None:
+            found = self.eval_train
+            while found is not None and not getattr(found, "classes", None) and not getattr(getattr(found, "split", None), "classes", None):
+                found = getattr(found, "dataset", None)  # through Subset
+            raw = getattr(found, "classes", None) or getattr(getattr(found, "split", None), "classes", None)
+            names = [cap.readable_name(str(c)) for c in raw] if raw else None
+        if not names:
+            raise UserError(f"data={self.name} has no class names for zero-shot prompts; set "
+                            "data.class_names=[name0,name1,...] in label order")
+        if self.num_classes and len(names) != self.num_classes:
+            raise UserError(f"data.class_names has {len(names)} names but {self.name} has {self.num_classes} classes; "
+                            "give one name per class, in label order")
+        return list(names)
 
     # ---- loaders -------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
@@ -162,12 +264,30 @@ class SSLDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
         """Shuffled from (run seed, epoch), one slice per rank, resumable mid-epoch (src/data/sampler.py).
-        The run seed is the one ``seed_everything`` set (``torch.initial_seed()``)."""
-        return epoch_loader(self.pretrain, self.batch_size, torch.initial_seed(), drop_last=True,
-                            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        The run seed is the one ``seed_everything`` set (``torch.initial_seed()``). Caption data: batches
+        gain the captions' tokens (workers are re-made each epoch, so they see which captions it draws);
+        WebDataset shards are streamed instead (see :func:`src.data.captions.web_stream`)."""
+        collate = cap.TokenizingCollate(self.tokenizer) if self.captions else None
+        if self._shards:
+            world = self.trainer.world_size if self.trainer is not None else 1
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            return cap.web_stream(self._shards, self.image_size, self.channels, self._web_log._record,
+                                  torch.initial_seed() * 1000 + rank, self.shuffle_buffer, self.batch_size,
+                                  self.num_samples // (self.batch_size * world), collate, self.num_workers)
+        on_epoch = self._captioned.set_epoch if self._captioned is not None else None
+        return epoch_loader(self.pretrain, self.batch_size, torch.initial_seed(), on_epoch, drop_last=True,
+                            num_workers=self.num_workers, collate_fn=collate,
+                            persistent_workers=self.num_workers > 0 and on_epoch is None,
                             pin_memory=torch.cuda.is_available())
+
+    def pairs_dataloader(self) -> DataLoader | None:
+        """Held-out image–caption pairs as ``(images, labels, [captions of each image])`` (None without any)."""
+        if self.pairs is None:
+            return None
+        return DataLoader(self.pairs, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=cap.collate_pairs)
 
     def eval_train_dataloader(self) -> DataLoader:
         return self._loader(self.eval_train, self.eval_batch_size, shuffle=False, drop_last=False)

@@ -27,6 +27,7 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    classes: list[str] | None = None  # class names, where the dataset ships them
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -125,7 +126,8 @@ def cifar(root: str, num_classes: int = 10, download: bool = True) -> tuple[Spli
         raise UserError(f"CIFAR-{num_classes} is not under data.root={root} and could not be downloaded "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:80]}); put the python version there "
                         "or set data.root") from None
-    return (Split(_hwc(tr.data), torch.tensor(tr.targets)), Split(_hwc(te.data), torch.tensor(te.targets)))
+    return (Split(_hwc(tr.data), torch.tensor(tr.targets), list(tr.classes)),
+            Split(_hwc(te.data), torch.tensor(te.targets), list(te.classes)))
 
 
 def stl10(root: str, download: bool = True, unlabeled: bool = True) -> tuple[Split, Split, Split]:
@@ -157,7 +159,7 @@ def fake(num_train: int = 512, num_test: int = 128, image_size: int = 32, channe
         level = (labels.float() / max(num_classes - 1, 1)).view(n, 1, 1, 1)
         yy = torch.linspace(0, 1, image_size).view(1, 1, image_size, 1)
         img = (noise + 0.5 * level * (yy > 0.5)).clamp(0, 1)
-        return Split((img * 255).round().byte(), labels)
+        return Split((img * 255).round().byte(), labels, [f"pattern {c}" for c in range(num_classes)])
     return make(num_train), make(num_test)
 
 
@@ -227,20 +229,23 @@ def to_mode(im: Image.Image, mode: str) -> Image.Image:
     return im if im.mode == mode else im.convert(mode)
 
 
-def decode(path: str, image_size: int, mode: str) -> torch.Tensor:
-    """An image file as uint8 (C, image_size, image_size): converted to ``mode``, resized so its shorter side
-    is ``image_size`` (smaller images are upsampled), then centre-cropped."""
-    with Image.open(path) as im:
-        im = to_mode(im, mode)
-        w, h = im.size
-        s = image_size / min(w, h)
-        im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BILINEAR,
-                       reducing_gap=3.0)
-        left, top = (im.size[0] - image_size) // 2, (im.size[1] - image_size) // 2
-        im = im.crop((left, top, left + image_size, top + image_size))
-        arr = np.asarray(im, dtype=np.uint8)
+def square(im: Image.Image, image_size: int) -> torch.Tensor:
+    """A PIL image as uint8 (C, image_size, image_size): resized so its shorter side is ``image_size``
+    (smaller images are upsampled), then centre-cropped."""
+    w, h = im.size
+    s = image_size / min(w, h)
+    im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BILINEAR,
+                   reducing_gap=3.0)
+    left, top = (im.size[0] - image_size) // 2, (im.size[1] - image_size) // 2
+    arr = np.asarray(im.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def decode(path: str, image_size: int, mode: str) -> torch.Tensor:
+    """An image file as uint8 (C, image_size, image_size) in ``mode`` (see :func:`square`)."""
+    with Image.open(path) as im:
+        return square(to_mode(im, mode), image_size)
 
 
 def _reason(e: Exception, path: str) -> str:
@@ -255,47 +260,16 @@ def _remove_dir(path: str, owner_pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class FolderImages(Dataset):
-    """Images under ``root`` decoded on the fly and resized (shorter side) + centre-cropped to a fixed
-    ``image_size`` uint8 tensor, so batches stack and the random crops happen on the device.
+class SkipLog:
+    """Files (or shard samples) that failed to decode, recorded across DataLoader workers: workers hold copies
+    of the dataset, so each process appends ``path<TAB>reason`` lines to ``<skip_dir>/<pid>.txt`` (a temporary
+    folder made here, in the main process, before any worker starts, and removed with this object);
+    :attr:`skipped` reads them all."""
 
-    Class-per-folder trees give labels (sorted folder names); images directly in ``root`` or a tree
-    with ``labelled=False`` give -1. Files are not opened when the dataset is built (ImageNet has 1.3M);
-    a file that fails to decode (unreadable, truncated, not an image) is replaced by the next readable one,
-    so a loader worker never dies, and recorded: :attr:`skipped` maps each such path to the reason. With
-    ``skip_bad=False`` the first bad file is a :class:`BadImageError` naming it instead.
-
-    DataLoader workers hold copies of the dataset, so failures are recorded in files: each process appends
-    ``path<TAB>reason`` lines to ``<skip_dir>/<pid>.txt`` (a temporary folder made here, in the main process,
-    before any worker starts, and removed with the dataset); :attr:`skipped` reads them all.
-    """
-
-    def __init__(self, root: str, image_size: int, channels: int = 3, labelled: bool = True, skip_bad: bool = True,
-                 samples: list[tuple[str, int]] | None = None, classes: list[str] | None = None):
-        self.root, self.image_size, self.mode = Path(root), image_size, "L" if channels == 1 else "RGB"
-        self.skip_bad = skip_bad
-        if samples is not None:  # a dataset's own file list (torchvision's split files: DTD, Flowers-102, Pets)
-            self.classes, self.samples = list(classes or []), [(str(p), int(c)) for p, c in samples]
-        else:
-            classes = sorted(d.name for d in self.root.iterdir() if d.is_dir()) if labelled else []
-            self.classes = classes
-            if classes:
-                self.samples = [(p, c) for c, name in enumerate(classes) for p in image_files(self.root / name)]
-            else:
-                self.samples = [(p, -1) for p in image_files(self.root)]
-        if not self.samples:
-            raise UserError(f"no images found under {root} (looked for {'/'.join(sorted(IMAGE_EXTENSIONS))} "
-                            "files); point data.root at a folder with train/<class>/ image folders inside")
-        self.samples.sort()
+    def __init__(self):
         self.skip_dir = tempfile.mkdtemp(prefix="sslkit-skipped-")
         weakref.finalize(self, _remove_dir, self.skip_dir, os.getpid())
         self._bad: set[str] = set()  # known bad in this process: skipped without decoding again
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, path: str) -> torch.Tensor:
-        return decode(path, self.image_size, self.mode)
 
     def _record(self, path: str, reason: str) -> None:
         self._bad.add(path)
@@ -318,15 +292,53 @@ class FolderImages(Dataset):
                     found.setdefault(path, reason)
         return dict(sorted(found.items()))
 
-    def __getitem__(self, i: int):
-        # A bad file is replaced by the next readable one, so a worker never dies mid-epoch.
+
+class FolderImages(SkipLog, Dataset):
+    """Images under ``root`` decoded on the fly and resized (shorter side) + centre-cropped to a fixed
+    ``image_size`` uint8 tensor, so batches stack and the random crops happen on the device.
+
+    Class-per-folder trees give labels (sorted folder names); images directly in ``root`` or a tree
+    with ``labelled=False`` give -1. Files are not opened when the dataset is built (ImageNet has 1.3M);
+    a file that fails to decode (unreadable, truncated, not an image) is replaced by the next readable one,
+    so a loader worker never dies, and recorded: :attr:`skipped` maps each such path to the reason. With
+    ``skip_bad=False`` the first bad file is a :class:`BadImageError` naming it instead (see :class:`SkipLog`).
+    """
+
+    def __init__(self, root: str, image_size: int, channels: int = 3, labelled: bool = True, skip_bad: bool = True,
+                 samples: list[tuple[str, int]] | None = None, classes: list[str] | None = None):
+        self.root, self.image_size, self.mode = Path(root), image_size, "L" if channels == 1 else "RGB"
+        self.skip_bad = skip_bad
+        if samples is not None:  # a dataset's own file list (torchvision's split files: DTD, Flowers-102, Pets)
+            self.classes, self.samples = list(classes or []), [(str(p), int(c)) for p, c in samples]
+        else:
+            classes = sorted(d.name for d in self.root.iterdir() if d.is_dir()) if labelled else []
+            self.classes = classes
+            if classes:
+                self.samples = [(p, c) for c, name in enumerate(classes) for p in image_files(self.root / name)]
+            else:
+                self.samples = [(p, -1) for p in image_files(self.root)]
+        if not self.samples:
+            raise UserError(f"no images found under {root} (looked for {'/'.join(sorted(IMAGE_EXTENSIONS))} "
+                            "files); point data.root at a folder with train/<class>/ image folders inside")
+        self.samples.sort()
+        super().__init__()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, path: str) -> torch.Tensor:
+        return decode(path, self.image_size, self.mode)
+
+    def readable(self, i: int) -> tuple[int, torch.Tensor]:
+        """``(j, image)`` for the first readable sample ``j`` from ``i`` on (a bad file is replaced by the next
+        readable one, so a worker never dies mid-epoch)."""
         last = ""
         for j in range(i, i + min(len(self), 100)):
-            path, label = self.samples[j % len(self)]
+            path = self.samples[j % len(self)][0]
             if path in self._bad:
                 continue
             try:
-                return self.load(path), torch.tensor(label)
+                return j % len(self), self.load(path)
             except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files; never kill a worker
                 last = _reason(e, path)
                 if not self.skip_bad:
@@ -336,3 +348,7 @@ class FolderImages(Dataset):
                 self._record(path, last)
         raise BadImageError(f"{min(len(self), 100)} consecutive unreadable images from {self.samples[i][0]} "
                             f"(last: {last}); check data.root={self.root}")
+
+    def __getitem__(self, i: int):
+        j, image = self.readable(i)
+        return image, torch.tensor(self.samples[j][1])

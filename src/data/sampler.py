@@ -9,7 +9,7 @@ to skip (without loading them).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,12 +26,15 @@ class EpochSampler(Sampler[int]):
     """A random permutation of ``range(n)`` drawn from ``seed`` and the epoch (``set_epoch``, which Lightning
     calls every epoch), truncated to a multiple of the world size and split round-robin between ranks."""
 
-    def __init__(self, n: int, seed: int = 0):
+    def __init__(self, n: int, seed: int = 0, on_epoch: Callable[[int], None] | None = None):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.on_epoch = on_epoch  # e.g. a caption dataset's set_epoch: which caption each image shows
         self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank to skip), used once
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
 
     def skip_once(self, epoch: int, samples: int) -> None:
         """The next pass over ``epoch`` starts ``samples`` samples (of this rank) in."""
@@ -57,9 +60,10 @@ class EpochSampler(Sampler[int]):
         return self.n // _rank_world()[1]
 
 
-def epoch_loader(dataset, batch_size: int, seed: int, **kwargs) -> DataLoader:
+def epoch_loader(dataset, batch_size: int, seed: int, on_epoch: Callable[[int], None] | None = None,
+                 **kwargs) -> DataLoader:
     """A ``DataLoader`` over an :class:`EpochSampler`. It gets its own generator: creating an iterator draws a
     worker base seed, which must not come from (and shift) the global RNG the views use, or a resumed run
     would draw other views than an uninterrupted one."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed),
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, on_epoch),
                       generator=torch.Generator().manual_seed(seed % 2**63), **kwargs)

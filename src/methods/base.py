@@ -87,6 +87,11 @@ class SSLMethod(L.LightningModule):
     def training_loss(self, views: list[torch.Tensor]):
         raise NotImplementedError
 
+    def batch_loss(self, batch: dict):
+        """The loss of a training batch (``views``, ``image``, ``label`` and, with captions, ``text``); a method
+        that needs more than the views (CLIP's captions) overrides this instead of :meth:`training_loss`."""
+        return self.training_loss(batch["views"])
+
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return []
 
@@ -120,11 +125,14 @@ class SSLMethod(L.LightningModule):
         if self.trainer is None or not self.trainer.training:
             return batch
         torch.manual_seed(self.batch_seed())
-        images, labels = batch
+        images, labels = batch[0], batch[1]
         views = self.views(images)
         if self.hparams.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        return {"views": views, "image": images, "label": labels}
+        out = {"views": views, "image": images, "label": labels}
+        if len(batch) > 2:  # image–text data: the captions' tokens (B, L)
+            out["text"] = batch[2]
+        return out
 
     def batch_seed(self) -> int:
         """The seed of this training batch's randomness (views, MoCo's shuffle, pretext labels): a function of
@@ -139,7 +147,7 @@ class SSLMethod(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         skip = self.hparams.nonfinite_loss == "skip"  # then a skipped step must leave no trace in the buffers
         saved = [b.detach().clone() for b in self.buffers()] if skip else []  # BatchNorm statistics, queues, ...
-        out = self.training_loss(batch["views"])
+        out = self.batch_loss(batch)
         loss, logs = out if isinstance(out, tuple) else (out, {})
         bs = batch["image"].shape[0]
         # every rank takes the same decision (a rank that skipped its backward alone would hang DDP)

@@ -48,15 +48,11 @@ def read_tokenizer_checkpoint(path: str) -> dict:
 
 def load_tokenizer(path: str) -> nn.Module:
     """The frozen VQ-VAE of a ``method=vqvae`` checkpoint, rebuilt from the run config saved in it."""
-    from hydra.utils import instantiate
+    from src.utils.checkpointing import model_from_checkpoint
 
-    state = read_tokenizer_checkpoint(path)
-    cfg = state["config"]
-    backbone_cfg = {k: v for k, v in cfg["backbone"].items() if k != "pretrained"}  # its weights are in the file
-    tokenizer = instantiate(cfg["method"], backbone=instantiate(backbone_cfg), views=instantiate(cfg["views"]))
-    tokenizer.load_state_dict(state["state_dict"])
+    tokenizer = model_from_checkpoint(read_tokenizer_checkpoint(path))
     tokenizer.requires_grad_(False)
-    return tokenizer.eval()
+    return tokenizer
 
 
 def tokenizer_problems(path, patch_size, channels) -> list[str]:

@@ -281,3 +281,27 @@ def _covariance_term(z: torch.Tensor) -> torch.Tensor:
     zc = z - z.mean(dim=0)  # N x D
     cov = torch.einsum("ni,nj->ij", zc, zc) / (z.shape[0] - 1)  # D x D
     return _off_diagonal(cov).pow(2).sum() / z.shape[1]
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, gather: bool = False,
+              local: bool = True) -> torch.Tensor:
+    """The symmetric InfoNCE of CLIP (Radford et al. 2021, Figure 3's pseudocode).
+
+    ``image``, ``text``: (N, D) embeddings of N pairs (L2-normalised here); ``logit_scale``: the learned
+    log of the inverse temperature. Logits ``exp(logit_scale) * <i, t>``; the loss is the mean of the
+    cross-entropy of each image over the texts and of each text over the images, the pair being the positive.
+    With ``gather=True`` the candidates are the embeddings of all processes: ``local=True`` keeps the anchors
+    local (N x world*N logits, labels offset by rank; the mean over ranks is the global loss), ``local=False``
+    computes the whole global matrix on every rank (the same loss and gradients, world times the arithmetic).
+    """
+    image, text = F.normalize(image, dim=1), F.normalize(text, dim=1)
+    scale = logit_scale.exp()
+    if gather and not local:
+        image, text = du.gather_with_grad(image), du.gather_with_grad(text)
+        gather = False
+    image_all = du.gather_with_grad(image) if gather else image
+    text_all = du.gather_with_grad(text) if gather else text
+    labels = torch.arange(image.shape[0], device=image.device) + (du.rank() * image.shape[0] if gather else 0)
+    per_image = scale * torch.einsum("nd,md->nm", image, text_all)  # N x M: each image against every text
+    per_text = scale * torch.einsum("nd,md->nm", text, image_all)  # N x M: each text against every image
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2

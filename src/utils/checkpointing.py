@@ -83,3 +83,15 @@ def resumable_runs(cfg: DictConfig, search: Path) -> list[Path]:
         if same:
             found.append(run)
     return sorted(found, key=lambda r: (r / "checkpoints" / "last.ckpt").stat().st_mtime, reverse=True)
+
+
+def model_from_checkpoint(state: dict) -> Any:
+    """The method of a checkpoint ``state`` (read with ``weights_only=True``), rebuilt from the run config saved
+    in it (``state["config"]``) and loaded with its weights, in eval mode."""
+    from hydra.utils import instantiate
+
+    cfg = state["config"]
+    backbone_cfg = {k: v for k, v in cfg["backbone"].items() if k != "pretrained"}  # its weights are in the file
+    model = instantiate(cfg["method"], backbone=instantiate(backbone_cfg), views=instantiate(cfg["views"]))
+    model.load_state_dict(state["state_dict"])
+    return model.eval()
