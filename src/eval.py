@@ -5,7 +5,8 @@ composed first, then the overrides (e.g. ``data=...`` or ``eval.final.k=20``). T
 (``torch.load(weights_only=True)``: tensors and plain values only, nothing is executed), the method is
 built from the config and its weights must match the checkpoint exactly; a checkpoint of another
 backbone or method is one clear line. The evaluation is the run's final one (weighted kNN and a linear
-probe, from ``eval.final``); results go to stdout and to ``CKPT`` + ``.eval.json``.
+probe, from ``eval.final``; for CLIP also zero-shot accuracy on the data's classes and retrieval on its held-out
+pairs); results go to stdout and to ``CKPT`` + ``.eval.json``.
 
 `python -m src.eval backbone=... [backbone.pretrained=FILE] [overrides]` (no checkpoint) measures a bare backbone the
 same way: random weights, or weights downloaded elsewhere (timm, torchvision, DINO, MAE, MoCo files; see
@@ -28,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.callbacks.features import extract_features_with
+from src.callbacks.image_text import has_text_tower, measure_image_text
 from src.nn.knn import knn_top1
 from src.nn.linear_probe import train_linear_probe
 from src.utils.config import compose
@@ -148,11 +150,15 @@ def measure(model, views, cfg) -> dict:
     val = extract_features_with(model, views, dm.eval_val_dataloader(), device, final.max_val_items)
     (tx, ty), (vx, vy) = [(f.to(device), y.to(device)) for f, y in (train, val)]
     linear = train_linear_probe(tx, ty, vx, vy, dm.num_classes, final.linear_epochs, seed=cfg.seed)
-    return {"knn_top1": round(knn_top1(tx, ty, vx, vy, dm.num_classes, final.k, final.temperature), 2),
-            "linear_top1": round(linear["top1"], 2), "linear_top5": round(linear["top5"], 2),
-            "eval_train_split": dm.eval_split_names[0], "eval_val_split": dm.eval_split_names[1],
-            "eval_train_items": int(tx.shape[0]), "eval_val_items": int(vx.shape[0]),
-            "wall_time_s": round(time.time() - start, 1)}
+    out = {"knn_top1": round(knn_top1(tx, ty, vx, vy, dm.num_classes, final.k, final.temperature), 2),
+           "linear_top1": round(linear["top1"], 2), "linear_top5": round(linear["top5"], 2),
+           "eval_train_split": dm.eval_split_names[0], "eval_val_split": dm.eval_split_names[1],
+           "eval_train_items": int(tx.shape[0]), "eval_val_items": int(vx.shape[0])}
+    if has_text_tower(model):  # CLIP: zero-shot on this data's classes, retrieval on its held-out pairs
+        max_pairs = (cfg.eval.get("image_text") or {}).get("max_pairs", 1000)
+        scores = measure_image_text(model, views, dm, device, max_pairs, final.max_val_items)
+        out.update({k: v if isinstance(v, int) else round(v, 2) for k, v in scores.items()})
+    return {**out, "wall_time_s": round(time.time() - start, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:

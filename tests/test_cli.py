@@ -160,6 +160,12 @@ BAD_INPUTS = {
     "transfer dataset missing offline": (["data=eurosat", f"data.root={IMAGES}", "data.download=false"],
                                          f"EuroSAT is not under data.root={IMAGES} and data.download=false: "
                                          "torchvision expects eurosat/2750/<class>/*.jpg there"),
+    # image–text
+    "CLIP without captions": (["method=clip"], "method=clip needs image–text pairs: set data.captions=class_prompts"),
+    "caption file missing": (["method=clip", "data=captions", "data.captions=/nonexistent/pairs.csv"],
+                             "data.captions=/nonexistent/pairs.csv: no such file"),
+    "WebDataset shard missing": (["method=clip", "data=captions", "data.captions=/nonexistent/{0..1}.tar"],
+                                 "shard /nonexistent/0.tar does not exist (2 of 2 missing)"),
     "weights of another shape": (["backbone=resnet18", f"backbone.pretrained={WEIGHTS}"],
                                  "does not fit this resnet18 with the CIFAR stem: 1 have another shape (e.g. "
                                  "conv1.weight (64, 3, 7, 7) instead of (64, 1, 3, 3))"),

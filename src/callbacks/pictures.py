@@ -24,10 +24,10 @@ from src.callbacks.features import eval_mode
 
 
 def held_out_images(trainer: L.Trainer, num: int) -> torch.Tensor:
-    """``num`` evenly spaced images (uint8) of the evaluation split (or the training set without one): the same
-    ones at every call."""
+    """``num`` evenly spaced images (uint8) of the evaluation split (or the held-out image–caption pairs, or the
+    training set, without one): the same ones at every call."""
     dm = trainer.datamodule
-    dataset = getattr(dm, "eval_val", None) or dm.pretrain
+    dataset = next(d for d in (getattr(dm, "eval_val", None), getattr(dm, "pairs", None), dm.pretrain) if d is not None)
     n = min(num, len(dataset))
     idx = torch.linspace(0, len(dataset) - 1, n).round().long().tolist()
     return torch.stack([torch.as_tensor(dataset[i][0]) for i in idx])

@@ -68,6 +68,13 @@ class SSLDataModule(L.LightningDataModule):
         """Fail early, in one line, when a dataset that needs a folder has none."""
         if self.name == CAPTIONS and not self.captions:
             raise UserError("data=captions needs data.captions=<.csv/.tsv/.jsonl/COCO .json file or .tar shards>")
+        for source in (self.captions, self.val_captions):
+            if source and source != "class_prompts":
+                if cap.caption_format(source) == "webdataset":
+                    cap.shard_list(source)
+                elif not Path(source).is_file():
+                    raise UserError(f"data.captions={source}: no such file; point it at a .csv/.tsv/.jsonl/COCO .json "
+                                    "caption file or WebDataset shards such as 'shards/{000000..000009}.tar'")
         if self.name in FOLDERS or (self.name == CAPTIONS and self.root):
             if not self.root:
                 raise UserError(f"data.root is not set: {self.name} reads a class-per-folder tree; "
