@@ -112,9 +112,11 @@ def extract_features(
     )
 
 
-def seeded_build(factory: Callable[[], nn.Module], seed: int, device: torch.device) -> nn.Module:
-    """``factory()`` built under its own RNG seeded with ``seed`` and moved to ``device``; the global random
-    streams (CPU and this device's) are left as they were, so a random baseline never shifts training's draws."""
+@contextlib.contextmanager
+def own_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block on its own random streams (CPU and ``device``'s) seeded with ``seed``; the global streams
+    are left as they were, so a random-init baseline (its weights, its loaders' seeds) never shifts training's
+    draws."""
     cuda = device.type == "cuda"
     index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else 0)
     with torch.random.fork_rng(devices=[index] if cuda else []):
@@ -122,7 +124,7 @@ def seeded_build(factory: Callable[[], nn.Module], seed: int, device: torch.devi
         if cuda:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(seed)
-        return factory().to(device)
+        yield
 
 
 def labels_available(trainer: Any, callback: Any, what: str) -> bool:

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from src.callbacks.features import extract_features, extract_features_with, labels_available, seeded_build
+from src.callbacks.features import extract_features, extract_features_with, labels_available, own_rng
 from src.nn.knn import knn_top1
 from src.nn.linear_probe import train_linear_probe
 
@@ -72,11 +72,13 @@ class FinalEvaluation(L.Callback):
     def _random_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[tuple, tuple]:
         """Build and evaluate the random baseline without touching the global RNG stream."""
         device, dm = pl_module.device, trainer.datamodule
-        backbone = seeded_build(self.random_backbone, self.seed, device)
         ctx = trainer.precision_plugin.forward_context
-        train = extract_features_with(backbone, pl_module.views, dm.eval_train_dataloader(), device,
-                                      self.max_train_items, ctx)
-        val = extract_features_with(backbone, pl_module.views, dm.eval_val_dataloader(), device, self.max_val_items, ctx)
+        with own_rng(self.seed, device):
+            backbone = self.random_backbone().to(device)
+            train = extract_features_with(backbone, pl_module.views, dm.eval_train_dataloader(), device,
+                                          self.max_train_items, ctx)
+            val = extract_features_with(backbone, pl_module.views, dm.eval_val_dataloader(), device,
+                                        self.max_val_items, ctx)
         return train, val
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

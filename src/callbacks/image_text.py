@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchvision.transforms.functional import to_tensor
 
-from src.callbacks.features import eval_mode, extract_features_with, seeded_build
+from src.callbacks.features import eval_mode, extract_features_with, own_rng
 from src.callbacks.pictures import save_picture
 from src.nn.image_text import caption_relevance, retrieval_recall, zeroshot_accuracy, zeroshot_weights
 from src.utils.sheet import contact_sheet
@@ -104,8 +104,9 @@ class ImageTextEvaluation(L.Callback):
         keep: dict = {}
         scores = measure_image_text(pl_module, pl_module.views, dm, device, self.max_pairs, self.max_val_items, ctx, keep)
         if self.random_backbone is not None:
-            fresh = seeded_build(self.random_backbone, self.seed, device)
-            random = measure_image_text(fresh, pl_module.views, dm, device, self.max_pairs, self.max_val_items, ctx)
+            with own_rng(self.seed, device):
+                fresh = self.random_backbone().to(device)
+                random = measure_image_text(fresh, pl_module.views, dm, device, self.max_pairs, self.max_val_items, ctx)
             scores.update({f"random_{k}": v for k, v in random.items() if not k.startswith("retrieval_")})
         self.results = {k: (v if isinstance(v, int) else round(float(v), 2)) for k, v in scores.items()}
         for logger in trainer.loggers:
