@@ -164,7 +164,7 @@ BAD_INPUTS = {
     "CLIP without captions": (["method=clip"], "method=clip needs image–text pairs: set data.captions=class_prompts"),
     "caption file missing": (["method=clip", "data=captions", "data.captions=/nonexistent/pairs.csv"],
                              "data.captions=/nonexistent/pairs.csv: no such file"),
-    "WebDataset shard missing": (["method=clip", "data=captions", "data.captions=/nonexistent/{0..1}.tar"],
+    "WebDataset shard missing": (["method=clip", "data=captions", "data.captions='/nonexistent/{0..1}.tar'"],
                                  "shard /nonexistent/0.tar does not exist (2 of 2 missing)"),
     "weights of another shape": (["backbone=resnet18", f"backbone.pretrained={WEIGHTS}"],
                                  "does not fit this resnet18 with the CIFAR stem: 1 have another shape (e.g. "
