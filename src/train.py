@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,7 +31,7 @@ from src.utils.checkpointing import AtomicCheckpointIO, resumable_runs
 from src.utils.checks import check_config
 from src.utils.config import CONF_DIR, compose
 from src.utils.errors import RunInterrupted, UserError
-from src.utils.loggers import build_loggers, finish_loggers
+from src.utils.loggers import build_loggers, finish_loggers, summarise
 from src.utils.preflight import fail, preflight
 from src.utils.results import format_table, write_results
 
@@ -61,7 +62,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     return callbacks
 
 
-def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
+def train(cfg: DictConfig, run_dir: Path, names: dict[str, str], sweep: tuple[str, str] | None = None) -> dict:
+    """One run; ``sweep`` = (the sweep's W&B group, this job's name) when it is a job of a multirun."""
     check_config(cfg)
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -70,7 +72,8 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
                          nonfinite_loss=cfg.nonfinite_loss)
     method.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("backbone", "views", "method", "data")}
     callbacks = build_callbacks(cfg, run_dir)
-    loggers = build_loggers(cfg.logger, run_dir, "_".join(str(v) for v in names.values()))
+    group, job = sweep or (None, None)
+    loggers = build_loggers(cfg.logger, run_dir, job or "_".join(str(v) for v in names.values()), group)
     # checkpoints are written atomically; the data order comes from (seed, epoch) and each rank takes its own
     # slice of it (src/data/sampler.py), so Lightning's sampler replacement is off
     trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
@@ -97,6 +100,7 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str]) -> dict:
     results["wall_time_s"] = round(time.time() - start, 1)
     results["run_dir"] = str(run_dir)
     results = {k: (round(float(v), 4) if isinstance(v, torch.Tensor | float) else v) for k, v in results.items()}
+    summarise(loggers, results)
     if trainer.is_global_zero:
         write_results(results, run_dir)
         print("\n" + format_table(results) + f"\n\nresults: {run_dir / 'results.json'}", flush=True)
@@ -122,8 +126,11 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     names = {k: hc.runtime.choices.get(k) for k in ("method", "backbone", "data")}
+    sweep = None
+    if hc.mode == RunMode.MULTIRUN:  # W&B: one group per sweep, each job named after its overrides
+        sweep = (Path(hc.sweep.dir).name, hc.job.override_dirname or f"job {hc.job.num}")
     try:
-        results = train(cfg, run_dir, names)
+        results = train(cfg, run_dir, names, sweep)
     except (UserError, InstantiationException) as e:
         if not isinstance(e, UserError) and not isinstance(e.__cause__, UserError):
             raise
@@ -135,7 +142,8 @@ def hydra_entry(cfg: DictConfig) -> float | None:
         if rank_zero_only.rank == 0:  # one line, not one per process
             print(f"interrupted: {message}", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
-    return results.get("knn_top1")  # the value sweepers optimise
+    value = results.get(cfg.objective)  # the value sweepers optimise (checked before the run to be one it makes)
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _quote(value: str) -> str:

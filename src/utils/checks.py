@@ -165,6 +165,37 @@ def data_problems(cfg: DictConfig, world: int) -> list[str]:
     return problems
 
 
+# results.json values a sweep can optimise, and the eval entry that produces each
+OBJECTIVES = {
+    **{k: "final" for k in ("knn_top1", "linear_top1", "linear_top5")},
+    **{k: "image_text" for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
+                                 "t2i_r5", "t2i_r10")},
+    "last_knn_top1": "knn", "last_online_val_top1": "online_probe",
+}
+
+
+def objective_problems(cfg: DictConfig) -> list[str]:
+    """The value a run returns to sweepers must be one that this run's evaluation produces."""
+    objective = cfg.get("objective", "knn_top1")
+    if objective not in OBJECTIVES:
+        return [f"objective={objective} is not a result a run produces; use one of {', '.join(OBJECTIVES)}"]
+    entry = OBJECTIVES[objective]
+    if (cfg.get("eval") or {}).get(entry) is None:
+        return [f"objective={objective} comes from eval.{entry}, which this run turns off; choose another objective "
+                f"or keep eval.{entry}"]
+    if entry == "image_text" and not getattr(_method_class(cfg), "needs_captions", False):
+        return [f"objective={objective} is an image–text result, which only method=clip produces; use knn_top1 or "
+                "linear_top1"]
+    return []
+
+
+def _method_class(cfg: DictConfig):
+    try:
+        return get_class(cfg.method._target_)
+    except Exception:  # noqa: BLE001 - reported elsewhere
+        return None
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """All problems found in a composed config (empty when it is fine)."""
     secrets = secret_problems(cfg)
@@ -197,6 +228,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     every = (cfg.get("checkpoint") or {}).get("every_n_epochs", 1)
     if every is not None and every < 1:
         problems.append(f"checkpoint.every_n_epochs={every} must be >= 1 (last.ckpt is written every N epochs)")
+    problems += objective_problems(cfg)
 
     if "backbone._target_" not in reported:  # the backbone's own rules (ViT patch sizes, timm names, weights files)
         try:

@@ -25,18 +25,38 @@ def wandb_credentials() -> bool:
         return False
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list:
+def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, group: str | None = None) -> list:
+    """The loggers of ``cfg`` writing into ``run_dir``; a W&B run is named ``run_name`` and, in a sweep, joins the
+    sweep's ``group`` (unless ``logger.wandb.group`` names one)."""
     loggers = []
     for name, lg_cfg in (cfg or {}).items():
         if lg_cfg is None:
             continue
         if name == "wandb":
+            if group and not lg_cfg.get("group"):
+                lg_cfg = OmegaConf.merge(lg_cfg, {"group": group})
             logger = _wandb(lg_cfg, run_dir, run_name)
             if logger is not None:
                 loggers.append(logger)
         else:
             loggers.append(instantiate(lg_cfg, save_dir=str(run_dir)))
     return loggers
+
+
+def summarise(loggers: list, results: dict) -> None:
+    """The run's numeric results as the W&B run's summary (what a sweep's runs table shows). Never raises."""
+    numbers = {k: v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            try:
+                logger.experiment.summary.update(numbers)
+            except Exception as e:  # noqa: BLE001 - W&B never takes a run down
+                rank_zero_only(log.warning)(f"W&B summary not written ({_reason(e)})")
+
+
+def wandb_mode(mode: str) -> str:
+    """``auto`` -> online with credentials, else offline."""
+    return ("online" if wandb_credentials() else "offline") if mode == "auto" else mode
 
 
 def finish_loggers(loggers: list, ok: bool) -> None:
@@ -58,10 +78,8 @@ def _wandb(cfg: DictConfig, run_dir: Path, run_name: str):
     fails (no network, a bad key, a server that does not answer within ``init_timeout`` seconds) the run logs
     offline into ``<run>/wandb`` instead. One warning line says what happened; the run never stops for W&B."""
     kwargs = OmegaConf.to_container(cfg, resolve=True)
-    mode = kwargs.pop("mode", "auto")
+    mode = wandb_mode(kwargs.pop("mode", "auto"))
     timeout = float(kwargs.pop("init_timeout", 30))
-    if mode == "auto":
-        mode = "online" if wandb_credentials() else "offline"
     try:
         return _start_wandb(kwargs, run_dir, run_name, mode, timeout, wandb_run_id(run_dir))
     except Exception as e:  # noqa: BLE001 - any W&B problem must not stop training

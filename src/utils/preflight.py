@@ -20,6 +20,40 @@ from src.utils.errors import UserError
 
 MAX_COMBINATIONS = 256
 
+# Hydra plugins that ship as optional extras: (argument prefix, plugin module, extra, what it is)
+PLUGINS = [
+    ("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "sweep", "Hydra's Optuna sweeper"),
+    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "sweep", "Hydra's Optuna sweeper"),
+    ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "slurm", "Hydra's submitit launcher"),
+    ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "slurm", "Hydra's submitit launcher"),
+]
+
+
+def plugin_problems(argv: list[str]) -> list[str]:
+    """A sweeper or launcher whose optional extra is not installed: one line saying what to install."""
+    import importlib.util
+
+    problems = []
+    for prefix, module, extra, what in PLUGINS:
+        given = next((a for a in argv if a.startswith(prefix) and not a.endswith("=null")), None)
+        if given and importlib.util.find_spec(module) is None and not any(extra in p for p in problems):
+            problems.append(f"{given} needs {what}, an optional extra: pip install -e '.[{extra}]'")
+    return problems
+
+
+def search_space_problems(overrides: list[str]) -> list[str]:
+    """Every key an Optuna search space (``hparams_search=...``) samples must exist in the composed run config."""
+    if not any(o.startswith("hparams_search=") and not o.endswith("=null") for o in overrides):
+        return []
+    cfg = compose(overrides, return_hydra_config=True)
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    search = cfg.hydra.runtime.choices.get("hparams_search")
+    method = cfg.hydra.runtime.choices.get("method")
+    missing = object()
+    return [f"hparams_search={search} samples {key}, which method={method} does not have; choose another search "
+            f"space (conf/hparams_search/) or set hydra.sweeper.params" for key in params
+            if OmegaConf.select(cfg, str(key), default=missing) is missing]
+
 
 def _leaf_keys(cfg: DictConfig) -> list[str]:
     keys = []
@@ -75,7 +109,7 @@ def problems_for(overrides: list[str]) -> list[str]:
     except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad overrides
         return [_composition_message(e, overrides)]
     try:
-        problems = config_problems(cfg)
+        problems = config_problems(cfg) + search_space_problems(overrides)
         if not problems:
             from hydra.utils import instantiate
 
@@ -92,6 +126,8 @@ def preflight(argv: list[str]) -> None:
     """Exit with code 2 and one line per problem when the command line cannot run."""
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --help, --cfg, --info ...: Hydra's own business
+    if missing := plugin_problems(argv):
+        fail(missing)
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))]
     try:
         combos = _expand(overrides)

@@ -53,7 +53,7 @@ INJECTED: dict[str, dict[str, str]] = {
 # Constructors whose **kwargs go on to another callable.
 KWARGS_FORWARDED_TO = {"lightning.pytorch.loggers.wandb.WandbLogger": "wandb.init"}
 TOP_LEVEL_TYPES = {"seed": int, "ckpt_path": str | None, "resume": Literal["auto"] | None,
-                   "nonfinite_loss": Literal["stop", "skip"]}
+                   "nonfinite_loss": Literal["stop", "skip"], "objective": str}
 
 
 @dataclass(frozen=True)
