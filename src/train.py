@@ -6,6 +6,7 @@ stderr with exit code 2; a run folder that got nothing but its config is removed
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -20,9 +21,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.callbacks.data_health import DataHealth
 from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption
@@ -76,8 +78,11 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str], sweep: tuple[st
     loggers = build_loggers(cfg.logger, run_dir, job or "_".join(str(v) for v in names.values()), group)
     # checkpoints are written atomically; the data order comes from (seed, epoch) and each rank takes its own
     # slice of it (src/data/sampler.py), so Lightning's sampler replacement is off
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # submitit requeues (src/callbacks/resume.py), not Lightning as well
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
-                        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
+                        plugins=plugins, use_distributed_sampler=False)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -129,6 +134,8 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     sweep = None
     if hc.mode == RunMode.MULTIRUN:  # W&B: one group per sweep, each job named after its overrides
         sweep = (Path(hc.sweep.dir).name, hc.job.override_dirname or f"job {hc.job.num}")
+        if cfg.get("resume") == "auto" and (done := continue_job(cfg, run_dir)) is not None:
+            return done
     try:
         results = train(cfg, run_dir, names, sweep)
     except (UserError, InstantiationException) as e:
@@ -146,6 +153,22 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def continue_job(cfg: DictConfig, run_dir: Path) -> float | None:
+    """``resume=auto`` in a sweep: a job whose folder already holds ``last.ckpt`` (a requeued SLURM job) continues
+    from it (``cfg.ckpt_path`` is set); one that already finished returns its objective without running again."""
+    ckpt, results = run_dir / "checkpoints" / "last.ckpt", run_dir / "results.json"
+    if not ckpt.is_file() or cfg.get("ckpt_path"):
+        return None
+    if results.is_file() and results.stat().st_mtime >= ckpt.stat().st_mtime:
+        print(f"resume=auto: {run_dir} already finished; its results are in {results}", flush=True)
+        value = json.loads(results.read_text()).get(cfg.objective)
+        return float(value) if isinstance(value, int | float) else None
+    print(f"resume=auto: continuing {run_dir} from {ckpt}", flush=True)
+    with open_dict(cfg):
+        cfg.ckpt_path = str(ckpt)
+    return None
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -155,9 +178,8 @@ def resume_arguments(argv: list[str]) -> list[str]:
     ``hydra.run.dir`` when given, else under ``outputs/``) are added to ``argv``; none found: a fresh run."""
     if not any(a.startswith("resume=") for a in argv):
         return argv
-    if "-m" in argv or "--multirun" in argv:
-        fail(["resume=auto continues one run; it cannot be combined with -m (resume each job of the sweep "
-              "with its own hydra.run.dir instead)"])
+    if "-m" in argv or "--multirun" in argv or any(a.startswith("hparams_search=") for a in argv):
+        return argv  # in a sweep each job continues from its own folder (a requeued SLURM job): continue_job
     cfg = compose([a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))])
     if cfg.get("resume") != "auto":
         return argv
@@ -178,9 +200,28 @@ def resume_arguments(argv: list[str]) -> list[str]:
     return [*kept, f"hydra.run.dir={_quote(str(run))}", f"ckpt_path={_quote(str(ckpt))}"]
 
 
+def multinode_arguments(argv: list[str]) -> list[str]:
+    """Every node of a multi-node run must write into one run folder: under SLURM (srun without the launcher)
+    ``outputs/<method>_<backbone>_<data>/slurm_<job id>`` is added; elsewhere the user passes the same
+    ``hydra.run.dir`` on every node. Sweeps get one folder per job from Hydra's launcher."""
+    if "-m" in argv or "--multirun" in argv or any(a.startswith(("hydra.run.dir=", "hparams_search=")) for a in argv):
+        return argv
+    cfg = compose([a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))],
+                  return_hydra_config=True)
+    nodes = cfg.trainer.get("num_nodes", 1)
+    if not isinstance(nodes, int) or nodes <= 1:
+        return argv
+    if job := os.environ.get("SLURM_JOB_ID"):
+        choices = cfg.hydra.runtime.choices
+        return [*argv, f"hydra.run.dir=outputs/{choices.method}_{choices.backbone}_{choices.data}/slurm_{job}"]
+    fail([f"trainer.num_nodes={nodes}: every node must write into the same run folder; pass the same "
+          "hydra.run.dir=... on every node (under SLURM the job id names it)"])
+    return argv
+
+
 def main() -> None:
     preflight(sys.argv[1:])
-    sys.argv = [sys.argv[0], *resume_arguments(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *multinode_arguments(resume_arguments(sys.argv[1:]))]
     hydra_entry()
 
 

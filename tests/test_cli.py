@@ -105,8 +105,6 @@ BAD_INPUTS = {
     "missing checkpoint to resume": (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt is not a file"),
     "unknown resume mode": (["resume=maybe"], "resume='maybe': expected one of 'auto' or null"),
     "unknown non-finite loss policy": (["nonfinite_loss=ignore"], "nonfinite_loss='ignore': expected one of 'stop', 'skip'"),
-    "resume=auto in a sweep": (["-m", "resume=auto", "method=simclr,byol"], "resume=auto continues one run; it cannot "
-                               "be combined with -m"),
     "colorization on grayscale data": (["method=colorization"],
                                        "needs colour (RGB) images but data=fashion_mnist has data.channels=1"),
     "split-brain on grayscale data": (["method=split_brain", "data=digits"],

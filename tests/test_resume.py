@@ -85,6 +85,24 @@ def test_sigterm_saves_mid_epoch_and_resume_auto_continues_exactly(reference, tm
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
+def test_slurm_warning_signal_checkpoints_then_hands_over_to_the_requeue_handler(reference, tmp_path):
+    """SIGUSR2 (SLURM's --signal warning under hydra/launcher=slurm): last.ckpt is written at the batch, then the
+    handler installed before training (submitit's requeue; here a stand-in that records it) runs and exits; the
+    requeued job (same folder, resume=auto) ends as the uninterrupted run."""
+    step = int(torch.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH, (1,)))
+    run_dir, marker = tmp_path / "run", tmp_path / "requeued.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline", "SIGNAL_AT_STEP": str(step),
+           "SIGNAL_NAME": "USR2", "REQUEUE_MARKER": str(marker), "REQUEUE_CKPT": str(run_dir / "checkpoints" / "last.ckpt")}
+    job = subprocess.run([sys.executable, "-m", "tests.requeue_runner", *RUN, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 255, job.stderr[-2000:]  # submitit's sys.exit(-1)
+    assert json.loads(marker.read_text()) == {"signal": signal.SIGUSR2, "step": step}  # the checkpoint came first
+    assert _final_state(run_dir)["global_step"] == step
+    resumed = _run(run_dir, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(reference, run_dir)
+
+
 def test_resume_auto_ignores_runs_of_another_config(reference, tmp_path):
     proc = run_cli(*RUN, "seed=1", f"hydra.run.dir={reference}", "resume=auto", "trainer.max_epochs=1",
                    timeout=600)  # another config in the reference's folder: not continued, nothing overwritten

@@ -7,7 +7,11 @@ epoch and of the last one (through the trainer's checkpoint IO, which writes ato
 other callback has updated its state for the epoch.
 :class:`Preemption` turns SIGTERM (a cluster's pre-emption),
 SIGINT (Ctrl-C) and SIGUSR1/SIGUSR2 (SLURM's ``--signal`` warning) into a checkpoint at the end of the
-current batch, then stops the run with :class:`RunInterrupted`.
+current batch, then stops the run with :class:`RunInterrupted`. For SIGUSR1/SIGUSR2, a handler that a cluster
+tool installed before training (submitit's checkpoint-and-requeue, under ``hydra/launcher=slurm``) is called
+after the checkpoint is written: the tool requeues the job (submitit: global rank 0 runs ``scontrol requeue``)
+and the requeued job continues from ``last.ckpt`` with ``resume=auto``. Lightning's own SLURM requeue is off
+(src/train.py), so exactly one process requeues.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from src.utils.errors import RunInterrupted
 
@@ -26,6 +31,14 @@ from src.utils.errors import RunInterrupted
 # which deadlocks DDP when the ranks get different numbers of signals); the flag is reduced over the ranks
 # at the end of every batch.
 CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # SLURM's --signal warning before a time limit or pre-emption
+
+
+def _foreign_handler(handler: Any) -> bool:
+    """A Python handler installed before training by something other than Lightning (whose own handlers run
+    collectives or requeue by themselves) and other than Python's defaults."""
+    return callable(handler) and handler is not signal.default_int_handler and \
+        not str(getattr(handler, "__module__", "") or type(handler).__module__).startswith("lightning")
 
 
 class LastCheckpoint(Checkpoint):
@@ -103,8 +116,15 @@ class Preemption(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(received is not None, all=False):
             return
         trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+        previous = self._previous.get(received)
         self._restore_handlers()
         name = signal.Signals(received).name if received else "a signal on another rank"
+        if received in REQUEUE_SIGNALS and _foreign_handler(previous):
+            # a cluster tool's own handler for its warning signal (submitit's checkpoint-and-requeue under
+            # hydra/launcher=slurm) runs now that last.ckpt is written: it requeues the job and exits
+            rank_zero_info(f"{name}: checkpoint saved to {self.checkpoint_path}; handing over to "
+                           f"{getattr(previous, '__qualname__', previous)} (requeue)")
+            previous(received, None)
         raise RunInterrupted(received or signal.SIGTERM,
                              f"stopped by {name} after step {trainer.global_step} (epoch {trainer.current_epoch}); "
                              f"checkpoint saved to {self.checkpoint_path}; run the same command with resume=auto "

@@ -196,8 +196,9 @@ def _method_class(cfg: DictConfig):
         return None
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
-    """All problems found in a composed config (empty when it is fine)."""
+def config_problems(cfg: DictConfig, local_devices: bool = True) -> list[str]:
+    """All problems found in a composed config (empty when it is fine). ``local_devices=False``: the run goes to
+    other machines (hydra/launcher=slurm), so this one's GPUs are not checked."""
     secrets = secret_problems(cfg)
     reported = {key for key, _ in secrets}
     problems = [line for _, line in secrets]
@@ -221,7 +222,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if ckpt and not Path(str(ckpt)).is_file():
         problems.append(f"ckpt_path={ckpt} is not a file; pass the path of a checkpoint such as "
                         "outputs/<run>/checkpoints/last.ckpt")
-    problems += device_problems(cfg)
+    problems += device_problems(cfg) if local_devices else []
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
     if accumulate is not None and accumulate < 1:
         problems.append(f"trainer.accumulate_grad_batches={accumulate} must be >= 1 (1: no accumulation)")

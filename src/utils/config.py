@@ -27,7 +27,8 @@ def group_options(group: str) -> list[str]:
 
 
 def config_groups() -> list[str]:
-    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    """The run's config groups (conf/hydra/ holds Hydra's own: the SLURM launcher)."""
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
+import shutil
 import sys
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -98,7 +99,18 @@ def _composition_message(err: Exception, overrides: list[str]) -> str:
     return text.strip().splitlines()[0]
 
 
-def problems_for(overrides: list[str]) -> list[str]:
+def launcher_problems(cfg: DictConfig, launcher: str | None) -> list[str]:
+    """hydra/launcher=slurm asks SLURM for trainer.num_nodes nodes of trainer.devices tasks and GPUs each."""
+    if launcher != "slurm":
+        return []
+    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    if not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int) or nodes < 1:
+        return [f"hydra/launcher=slurm asks SLURM for trainer.num_nodes={nodes} node(s) of trainer.devices={devices} "
+                "GPU(s) and tasks each; give both as numbers (e.g. trainer.devices=8 trainer.num_nodes=2)"]
+    return []
+
+
+def problems_for(overrides: list[str], launcher: str | None = None) -> list[str]:
     groups = set(config_groups())
     for o in overrides:
         key, _, value = o.lstrip("+").partition("=")
@@ -109,7 +121,8 @@ def problems_for(overrides: list[str]) -> list[str]:
     except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad overrides
         return [_composition_message(e, overrides)]
     try:
-        problems = config_problems(cfg) + search_space_problems(overrides)
+        problems = (config_problems(cfg, local_devices=launcher != "slurm") + search_space_problems(overrides)
+                    + launcher_problems(cfg, launcher))
         if not problems:
             from hydra.utils import instantiate
 
@@ -128,6 +141,9 @@ def preflight(argv: list[str]) -> None:
         return  # --help, --cfg, --info ...: Hydra's own business
     if missing := plugin_problems(argv):
         fail(missing)
+    if "hydra/launcher=slurm" in argv and shutil.which("srun") is None:
+        fail(["hydra/launcher=slurm submits SLURM jobs, but this machine has no SLURM (no srun); run the command on "
+              "the cluster's login node, or try the sweep here with hydra/launcher=submitit_local"])
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))]
     try:
         combos = _expand(overrides)
@@ -135,8 +151,9 @@ def preflight(argv: list[str]) -> None:
         fail([f"cannot parse the command line: {str(e).strip().splitlines()[0]}"])
     seen: set[str] = set()
     problems: list[str] = []
+    launcher = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra/launcher=")), None)
     for combo in combos:
-        for p in problems_for(combo):
+        for p in problems_for(combo, launcher):
             if p not in seen:
                 seen.add(p)
                 problems.append(p)
