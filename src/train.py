@@ -64,6 +64,24 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     return callbacks
 
 
+# Transformer and residual blocks: the units hardware=fsdp shards (timm's ViT, open_clip's text tower, ResNets)
+FSDP_UNITS = {"Block", "ResidualAttentionBlock", "Bottleneck", "BasicBlock"}
+
+
+def strategy_for(cfg: DictConfig, method: L.LightningModule):
+    """``trainer.strategy`` as configured, except ``fsdp``: Lightning's FSDPStrategy with each block of the model
+    (:data:`FSDP_UNITS`) as one unit, fully sharded, original parameters kept (so the optimizer's weight-decay
+    groups and the EMA teachers see them) and full state dicts in checkpoints."""
+    strategy = cfg.trainer.get("strategy", "auto")
+    if strategy != "fsdp":
+        return strategy
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    units = {type(m) for m in method.modules() if type(m).__name__ in FSDP_UNITS}
+    return FSDPStrategy(auto_wrap_policy=units or None, sharding_strategy="FULL_SHARD", state_dict_type="full",
+                        use_orig_params=True)
+
+
 def train(cfg: DictConfig, run_dir: Path, names: dict[str, str], sweep: tuple[str, str] | None = None) -> dict:
     """One run; ``sweep`` = (the sweep's W&B group, this job's name) when it is a job of a multirun."""
     check_config(cfg)
@@ -81,7 +99,8 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str], sweep: tuple[st
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit requeues (src/callbacks/resume.py), not Lightning as well
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
+    trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "strategy": strategy_for(cfg, method)}
+    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
                         plugins=plugins, use_distributed_sampler=False)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -38,3 +38,17 @@ def test_joint_embedding_methods_run_on_a_vit_on_the_gpu_in_bf16(name, overrides
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     maps = method.backbone.to("cuda").last_attention(torch.randn(2, 3, 16, 16, device="cuda"))
     torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, 2, device="cuda"))
+
+
+def test_fsdp_trains_a_vit_and_writes_a_full_checkpoint(tmp_path):
+    """hardware=fsdp on the visible GPU(s): MAE on a small ViT, blocks sharded, a full (unsharded) last.ckpt that
+    src.eval-style loading reads on the CPU."""
+    from tests.helpers import run_cli
+
+    proc = run_cli("hardware=fsdp", "precision=bf16", "method=mae", "backbone=vit_cpu", "backbone.embed_dim=64",
+                   "backbone.depth=2", "backbone.num_heads=2", "method.decoder_dim=32", "method.decoder_depth=1",
+                   "method.decoder_heads=2", "data=digits", "data.batch_size=64", "trainer.max_epochs=1",
+                   "eval=final_only", "eval.final.linear_epochs=5", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["state_dict"]["backbone.net.blocks.0.attn.qkv.weight"].shape == (192, 64)  # gathered, not a shard

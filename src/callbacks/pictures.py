@@ -55,8 +55,8 @@ def heat(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Pictures(L.Callback, ABC):
-    """Every ``every_n_epochs`` epochs and after the last one (``None``: only after the last one), rank 0 draws
-    ``num_images`` held-out images in eval mode; ``self.saved`` lists the files written."""
+    """Every ``every_n_epochs`` epochs and after the last one (``None``: only after the last one), ``num_images``
+    held-out images are drawn in eval mode (on every rank) and saved by rank 0; ``self.saved`` lists the files."""
 
     what = "pictures"
 
@@ -78,12 +78,14 @@ class _Pictures(L.Callback, ABC):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         due = epoch == trainer.max_epochs or (self.every_n_epochs is not None and epoch % self.every_n_epochs == 0)
-        if not due or not trainer.is_global_zero or not self.applies(pl_module):
+        if not due or not self.applies(pl_module):
             return
+        # every rank draws (a sharded model, hardware=fsdp, needs all ranks in its forward pass); rank 0 saves
         images = held_out_images(trainer, self.num_images).to(pl_module.device)
         with eval_mode(pl_module), torch.no_grad():
             grid, caption = self.draw(pl_module, pl_module.views.eval_view(images))
-        self.saved.append(save_picture(trainer, self.what, grid, caption))
+        if trainer.is_global_zero:
+            self.saved.append(save_picture(trainer, self.what, grid, caption))
 
 
 class PretextPictures(_Pictures):

@@ -223,6 +223,9 @@ def config_problems(cfg: DictConfig, local_devices: bool = True) -> list[str]:
         problems.append(f"ckpt_path={ckpt} is not a file; pass the path of a checkpoint such as "
                         "outputs/<run>/checkpoints/last.ckpt")
     problems += device_problems(cfg) if local_devices else []
+    if cfg.trainer.get("strategy") == "fsdp" and cfg.trainer.get("accelerator") not in ("gpu", "cuda"):
+        problems.append(f"trainer.strategy=fsdp runs on GPUs only (Lightning's FSDP) but trainer.accelerator="
+                        f"{cfg.trainer.get('accelerator')}; use hardware=fsdp on GPUs, or trainer.strategy=ddp here")
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
     if accumulate is not None and accumulate < 1:
         problems.append(f"trainer.accumulate_grad_batches={accumulate} must be >= 1 (1: no accumulation)")
