@@ -311,3 +311,15 @@ def test_callbacks_skip_unlabelled_data():
     assert final.results == {"eval_skipped": "data has no labels"}
     for msg in ("online probe skipped", "kNN monitor skipped", "final evaluation skipped"):
         assert sum(msg in r for r in records) == 1, (msg, records)
+
+
+def test_final_evaluation_holds_out_training_images_for_choices(tmp_path):
+    """val_* results use a seeded part of the labelled training split as queries (what sweeps optimise); the test
+    split's numbers are the same as without it."""
+    plain, held = FinalEvaluation(k=10, linear_epochs=20), FinalEvaluation(k=10, linear_epochs=20, holdout_fraction=0.25)
+    _fit(FakeData(), [plain, held], MemoryLogger())
+    assert held.results["eval_holdout_items"] == 24 and {"val_knn_top1", "val_linear_top1"} <= held.results.keys()
+    assert {k: held.results[k] for k in plain.results} == plain.results
+    assert 0 <= held.results["val_knn_top1"] <= 100
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        FinalEvaluation(holdout_fraction=1.0)

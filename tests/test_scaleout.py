@@ -37,7 +37,7 @@ def test_optuna_search_runs_trials_and_reports_them(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if (p / "results.json").is_file())
     assert len(jobs) == 2
-    values = [json.loads((j / "results.json").read_text())["knn_top1"] for j in jobs]
+    values = [json.loads((j / "results.json").read_text())["val_knn_top1"] for j in jobs]  # held-out train images
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(values) and set(best["best_params"]) == {
         "method.temperature", "method.optimizer.lr", "views.crops.0.scale.0"}
@@ -68,7 +68,8 @@ def test_trials_report_lists_finished_and_failed_jobs_best_first(tmp_path):
     trials = collect_trials(tmp_path, "knn_top1")
     assert [t["job"] for t in trials] == ["1_a", "0_a", "2_a"] and trials[2]["status"] == "failed or unfinished"
     assert shared_overrides(trials) == ["data=digits"]
-    assert "| 1_a | seed=1 | 75.50 |" in trials_markdown(trials, "knn_top1")
+    table = trials_markdown(trials, "knn_top1")
+    assert "| 1_a | seed=1 | 75.50 | 80.00 |" in table and "zeroshot" not in table  # columns no trial has: left out
 
 
 def test_sweep_jobs_log_to_one_wandb_group_and_the_trials_table_too(tmp_path, monkeypatch):
@@ -92,11 +93,11 @@ def test_sweep_jobs_log_to_one_wandb_group_and_the_trials_table_too(tmp_path, mo
             seen["finished"] = True
 
     monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(init=kw) or FakeRun())
-    trials = [{"job": "0_a", "overrides": "seed=0", "objective": 70.0, "knn_top1": 70.0, "linear_top1": None,
-               "zeroshot_top1": None, "wall_time_s": 1.0, "status": "done"}]
+    trials = [{"job": "0_a", "overrides": "seed=0", "objective": 70.0, "val_knn_top1": 70.0, "knn_top1": 69.0,
+               "linear_top1": None, "zeroshot_top1": None, "wall_time_s": 1.0, "status": "done"}]
     log_trials_to_wandb(trials, compose(["logger=wandb", "logger.wandb.mode=offline"]), tmp_path / "2026-sweep")
     assert seen["init"]["group"] == "2026-sweep" and seen["init"]["job_type"] == "sweep-summary"
-    assert seen["table"].data == [["0_a", "seed=0", 70.0, 70.0, None, None, 1.0, "done"]] and seen["finished"]
+    assert seen["table"].data == [["0_a", "seed=0", 70.0, 70.0, 69.0, None, None, 1.0, "done"]] and seen["finished"]
 
 
 def test_missing_sweeper_or_launcher_extra_is_one_line(capsys, monkeypatch):
@@ -111,7 +112,9 @@ def test_search_space_keys_and_objective_are_checked_before_the_sweep(capsys):
         one_line_error(capsys, ["hparams_search=contrastive", "method=byol"])
     assert "only method=clip produces" in one_line_error(capsys, ["objective=zeroshot_top1"])
     assert "comes from eval.final, which this run turns off" in one_line_error(
-        capsys, ["objective=linear_top1", "eval=none"])
+        capsys, ["hparams_search=contrastive", "eval=none"])
+    assert "eval.final.holdout_fraction is 0" in one_line_error(
+        capsys, ["hparams_search=contrastive", "eval.final.holdout_fraction=0"])
 
 
 def test_slurm_launcher_is_sized_from_the_trainer_and_checked(capsys, monkeypatch):
@@ -135,7 +138,7 @@ def test_a_requeued_sweep_job_continues_from_its_own_folder(tmp_path, capsys):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert continue_job(cfg, tmp_path) is None and cfg.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
-    (tmp_path / "results.json").write_text(json.dumps({"knn_top1": 71.5}))
+    (tmp_path / "results.json").write_text(json.dumps({"val_knn_top1": 71.5}))
     assert continue_job(compose(["resume=auto"]), tmp_path) == 71.5  # finished: its result, no second run
     assert "already finished" in capsys.readouterr().out
 

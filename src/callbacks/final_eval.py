@@ -2,7 +2,10 @@
 
 Runs once in ``on_train_end`` (not ``on_fit_end``: by then Lightning has already moved the module to the CPU).
 ``self.results`` holds plain floats in percent rounded to 2 decimals:
-``knn_top1, linear_top1, linear_top5`` and, with a ``random_backbone`` factory,
+``knn_top1, linear_top1, linear_top5``; with ``holdout_fraction`` > 0 the same two measures with a seeded
+random part of the labelled *training* split as queries and the rest as bank / probe data (``val_knn_top1,
+val_linear_top1, val_linear_top5, eval_holdout_items``: what sweeps optimise, so no choice looks at the test
+split); with a ``random_backbone`` factory,
 ``random_knn_top1, random_linear_top1, random_linear_top5``; plus ``eval_train_split, eval_val_split``
 (names) and ``eval_train_items, eval_val_items`` (counts). Numeric results are logged as ``eval/<key>`` to
 every logger. Unlabelled data: ``self.results == {"eval_skipped": "data has no labels"}``.
@@ -24,6 +27,15 @@ from src.nn.knn import knn_top1
 from src.nn.linear_probe import train_linear_probe
 
 
+def holdout_split(features: tuple[torch.Tensor, torch.Tensor], fraction: float, seed: int) -> tuple[tuple, tuple]:
+    """((features, labels) kept, (features, labels) held out): a seeded random ``fraction`` of the labelled
+    training split, for ``val_*`` results that never look at the test split."""
+    x, y = features
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    n = max(1, int(round(fraction * x.shape[0])))
+    return (x[order[n:]], y[order[n:]]), (x[order[:n]], y[order[:n]])
+
+
 class FinalEvaluation(L.Callback):
     def __init__(
         self,
@@ -35,8 +47,12 @@ class FinalEvaluation(L.Callback):
         linear_weight_decay: float = 1e-3,
         max_train_items: int | None = None,
         max_val_items: int | None = None,
+        holdout_fraction: float = 0.0,
         seed: int = 0,
     ):
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"eval.final.holdout_fraction={holdout_fraction} must be in [0, 1)")
+        self.holdout_fraction = holdout_fraction
         self.random_backbone = random_backbone
         self.k, self.temperature = k, temperature
         self.linear_epochs, self.linear_lr, self.linear_weight_decay = (
@@ -90,6 +106,10 @@ class FinalEvaluation(L.Callback):
         train = extract_features(pl_module, dm.eval_train_dataloader(), self.max_train_items, ctx)
         val = extract_features(pl_module, dm.eval_val_dataloader(), self.max_val_items, ctx)
         scores = self._scores(train, val, dm.num_classes, device, "")
+        held = None
+        if self.holdout_fraction > 0:  # held-out training data: what sweeps and model choices may look at
+            rest, held = holdout_split(train, self.holdout_fraction, self.seed)
+            scores.update(self._scores(rest, held, dm.num_classes, device, "val_"))
         if self.random_backbone is not None:
             scores.update(
                 self._scores(*self._random_features(trainer, pl_module), dm.num_classes, device, "random_")
@@ -102,6 +122,8 @@ class FinalEvaluation(L.Callback):
             eval_train_items=int(train[0].shape[0]),
             eval_val_items=int(val[0].shape[0]),
         )
+        if held is not None:
+            self.results["eval_holdout_items"] = int(held[0].shape[0])
         metrics = {f"eval/{k}": v for k, v in self.results.items() if isinstance(v, (int, float))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -167,25 +167,32 @@ def data_problems(cfg: DictConfig, world: int) -> list[str]:
 
 # results.json values a sweep can optimise, and the eval entry that produces each
 OBJECTIVES = {
-    **{k: "final" for k in ("knn_top1", "linear_top1", "linear_top5")},
+    **{k: "final" for k in ("val_knn_top1", "val_linear_top1", "knn_top1", "linear_top1", "linear_top5")},
     **{k: "image_text" for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
                                  "t2i_r5", "t2i_r10")},
     "last_knn_top1": "knn", "last_online_val_top1": "online_probe",
 }
 
 
-def objective_problems(cfg: DictConfig) -> list[str]:
-    """The value a run returns to sweepers must be one that this run's evaluation produces."""
+def objective_problems(cfg: DictConfig, searching: bool = False) -> list[str]:
+    """The value a run returns to sweepers must be a result name, an image–text one only for CLIP; in a search
+    (``searching``) the evaluation that produces it must be on, and ``val_*`` needs ``eval.final.holdout_fraction``."""
     objective = cfg.get("objective", "knn_top1")
     if objective not in OBJECTIVES:
         return [f"objective={objective} is not a result a run produces; use one of {', '.join(OBJECTIVES)}"]
     entry = OBJECTIVES[objective]
-    if (cfg.get("eval") or {}).get(entry) is None:
+    if entry == "image_text" and not getattr(_method_class(cfg), "needs_captions", False):
+        return [f"objective={objective} is an image–text result, which only method=clip produces; use val_knn_top1 "
+                "or val_linear_top1"]
+    if not searching:
+        return []
+    node = (cfg.get("eval") or {}).get(entry)
+    if node is None:
         return [f"objective={objective} comes from eval.{entry}, which this run turns off; choose another objective "
                 f"or keep eval.{entry}"]
-    if entry == "image_text" and not getattr(_method_class(cfg), "needs_captions", False):
-        return [f"objective={objective} is an image–text result, which only method=clip produces; use knn_top1 or "
-                "linear_top1"]
+    if objective.startswith("val_") and not node.get("holdout_fraction"):
+        return [f"objective={objective} is measured on held-out training data, but eval.final.holdout_fraction is 0; "
+                "set it (e.g. 0.1)"]
     return []
 
 

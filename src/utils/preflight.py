@@ -15,7 +15,7 @@ import sys
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from src.utils.checks import config_problems, walk_leaves
+from src.utils.checks import config_problems, objective_problems, walk_leaves
 from src.utils.config import compose, config_groups, group_options
 from src.utils.errors import UserError
 
@@ -47,6 +47,8 @@ def search_space_problems(overrides: list[str]) -> list[str]:
     if not any(o.startswith("hparams_search=") and not o.endswith("=null") for o in overrides):
         return []
     cfg = compose(overrides, return_hydra_config=True)
+    if objective := objective_problems(cfg, searching=True):
+        return objective
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     search = cfg.hydra.runtime.choices.get("hparams_search")
     method = cfg.hydra.runtime.choices.get("method")

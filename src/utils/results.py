@@ -8,6 +8,7 @@ from pathlib import Path
 ROWS = [
     ("method", "method"), ("backbone", "backbone"), ("data", "data"), ("epochs", "epochs"),
     ("knn_top1", "kNN top-1 (%)"), ("linear_top1", "linear top-1 (%)"),
+    ("val_knn_top1", "kNN top-1 on held-out train images (%)"),
     ("random_knn_top1", "random-init kNN top-1 (%)"), ("random_linear_top1", "random-init linear top-1 (%)"),
     ("zeroshot_top1", "zero-shot top-1 (%)"), ("random_zeroshot_top1", "random-init zero-shot top-1 (%)"),
     ("i2t_r1", "image->text R@1 (%)"), ("t2i_r1", "text->image R@1 (%)"), ("random_i2t_r1", "random-init image->text R@1 (%)"),

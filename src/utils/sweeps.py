@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("knn_top1", "linear_top1", "zeroshot_top1", "wall_time_s")
+COLUMNS = ("val_knn_top1", "knn_top1", "linear_top1", "zeroshot_top1", "wall_time_s")
 
 
 def collect_trials(sweep_dir: Path, objective: str) -> list[dict[str, Any]]:
@@ -65,11 +65,12 @@ def trials_markdown(trials: list[dict], objective: str) -> str:
         return f"{v:.2f}" if isinstance(v, float) else ("—" if v is None else str(v).replace("|", "\\|"))
 
     shared = set(shared_overrides(trials))
-    head = ["job", "overrides", objective, *[c for c in COLUMNS if c != objective], "status"]
+    columns = [c for c in COLUMNS if c != objective and any(r[c] is not None for r in trials)]  # e.g. no zero-shot
+    head = ["job", "overrides", objective, *columns, "status"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for r in trials:
         own = " ".join(_short(o) for o in r["overrides"].split(" ") if o not in shared) or "(none)"
-        values = [r["job"], own, r["objective"], *[r[c] for c in COLUMNS if c != objective], r["status"]]
+        values = [r["job"], own, r["objective"], *[r[c] for c in columns], r["status"]]
         lines.append("| " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)
 
