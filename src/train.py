@@ -22,7 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -45,6 +45,29 @@ warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*"
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # BEiT's frozen tokenizer
 
 
+class TrainingStarted(L.Callback):
+    """Whether the fit loop ran. Resumed from a ``last.ckpt`` written after the last epoch (a run killed during its
+    final evaluation), Lightning skips the loop and with it every ``on_train_end``; :func:`train` then runs the final
+    evaluations itself (:func:`finish_evaluations`)."""
+
+    def __init__(self):
+        self.started = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True
+
+
+def finish_evaluations(trainer: L.Trainer, method: L.LightningModule, callbacks: list[L.Callback]) -> None:
+    """The end-of-training evaluations (callbacks marked ``final``) of a run whose training had already ended in the
+    checkpoint it resumed from, on the run's device, with the same results an uninterrupted run writes."""
+    rank_zero_info("training had already ended in the checkpoint (stopped during its final evaluation); "
+                   "running the final evaluation now")
+    method.to(trainer.strategy.root_device)
+    for cb in callbacks:
+        if getattr(cb, "final", False):
+            cb.on_train_end(trainer, method)
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = [ThroughputMonitor()]  # first: its timing must not include the probes
     for name, cb_cfg in (cfg.eval or {}).items():
@@ -59,6 +82,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
             kwargs["seed"] = cfg.seed
         callbacks.append(instantiate(cb_cfg, **kwargs))
     callbacks.append(DataHealth())  # after the evaluation: it also counts files skipped while evaluating
+    callbacks.append(TrainingStarted())
     last = run_dir / "checkpoints" / "last.ckpt"
     callbacks += [DataPosition(), Preemption(last), LastCheckpoint(last, cfg.checkpoint.every_n_epochs)]
     return callbacks
@@ -106,6 +130,8 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str], sweep: tuple[st
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if not next(cb for cb in callbacks if isinstance(cb, TrainingStarted)).started:
+            finish_evaluations(trainer, method, callbacks)
     except BaseException:
         finish_loggers(loggers, ok=False)
         raise

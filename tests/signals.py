@@ -9,12 +9,21 @@ import lightning as L
 
 
 class SignalAtStep(L.Callback):
-    """Sends ``SIG$SIGNAL_NAME`` (default KILL) to this process after optimizer step ``$SIGNAL_AT_STEP``."""
+    """Sends ``SIG$SIGNAL_NAME`` (default KILL) to this process after optimizer step ``$SIGNAL_AT_STEP``, or with
+    ``SIGNAL_AT_STEP=end`` at the end of training: after the final evaluation (it comes before this callback),
+    before results.json is written. What is on disk then is what a kill anywhere in the final evaluation leaves."""
+
+    def _signal(self):
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("SIGNAL_NAME", "KILL")))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = os.environ.get("SIGNAL_AT_STEP")
-        if step and trainer.global_step == int(step):
-            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("SIGNAL_NAME", "KILL")))
+        if step and step != "end" and trainer.global_step == int(step):
+            self._signal()
+
+    def on_train_end(self, trainer, pl_module):
+        if os.environ.get("SIGNAL_AT_STEP") == "end":
+            self._signal()
 
 
 class NaNAtStep(L.Callback):

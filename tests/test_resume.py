@@ -21,7 +21,8 @@ RUN = ["method=moco_v2", "method.queue_size=512", "data=digits", "backbone.width
        "src.callbacks.online_probe.OnlineLinearProbe", "eval.final.linear_epochs=10",
        "eval.final.random_baseline=false", "+eval.signal._target_=tests.signals.SignalAtStep"]
 STEPS_PER_EPOCH = 1437 // 128  # digits: 1,437 training images
-TIMING = {"wall_time_s", "train_time_s", "train_images_per_s", "data_wait_fraction", "peak_memory_mib", "run_dir"}
+TIMING = {"wall_time_s", "train_time_s", "train_images_per_s", "data_wait_fraction", "peak_memory_mib", "peak_memory_kind",
+          "run_dir"}  # measured while training: a run resumed after its last step trains no more
 
 
 def _run(run_dir, *extra, signal_at=None, signal_name="KILL"):
@@ -83,6 +84,24 @@ def test_sigterm_saves_mid_epoch_and_resume_auto_continues_exactly(reference, tm
     _same_run(reference, run_dir)
     again = _run(run_dir, "resume=auto")  # a finished run is not run again
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_a_run_killed_during_its_final_evaluation_finishes_it_on_resume(reference, tmp_path):
+    """Killed after the last training step, during the final evaluation (no results.json yet): resume=auto and
+    ckpt_path= both run the final evaluation and write the uninterrupted run's results."""
+    run_dir = tmp_path / "run"
+    killed = _run(run_dir, signal_at="end")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run_dir / "results.json").exists() and _final_state(run_dir)["global_step"] == 3 * STEPS_PER_EPOCH
+    resumed = _run(run_dir, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "running the final evaluation now" in resumed.stdout + resumed.stderr
+    results = _same_run(reference, run_dir)
+    assert {"knn_top1", "linear_top1"} <= results.keys()
+    elsewhere = _run(tmp_path / "copy", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    again = json.loads((tmp_path / "copy" / "results.json").read_text())
+    assert {k: v for k, v in again.items() if k not in TIMING} == {k: v for k, v in results.items() if k not in TIMING}
 
 
 def test_slurm_warning_signal_checkpoints_then_hands_over_to_the_requeue_handler(reference, tmp_path):

@@ -37,6 +37,8 @@ def holdout_split(features: tuple[torch.Tensor, torch.Tensor], fraction: float, 
 
 
 class FinalEvaluation(L.Callback):
+    final = True  # an end-of-training evaluation: src/train.py runs it for a run resumed after its last epoch
+
     def __init__(
         self,
         random_backbone: Callable[[], nn.Module] | None = None,

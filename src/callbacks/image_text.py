@@ -90,6 +90,8 @@ def measure_image_text(model: Any, views: Any, dm: Any, device: torch.device, ma
 
 
 class ImageTextEvaluation(L.Callback):
+    final = True  # an end-of-training evaluation: src/train.py runs it for a run resumed after its last epoch
+
     def __init__(self, random_backbone: Callable[[], nn.Module] | None = None, max_pairs: int | None = 1000,
                  max_val_items: int | None = None, num_pictures: int = 4, seed: int = 0):
         self.random_backbone, self.max_pairs, self.max_val_items = random_backbone, max_pairs, max_val_items
