@@ -92,6 +92,15 @@ def weight_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Te
     return ", ".join(parts)
 
 
+def epochs_trained(state: dict) -> int | None:
+    """Training epochs whose steps all ran before ``state`` was saved (the fit loop's processed epochs; the
+    checkpoint's own ``epoch`` is the 0-based index of the epoch it was saved in)."""
+    try:
+        return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return state.get("epoch")
+
+
 def evaluate(ckpt: Path, overrides: list[str]) -> dict:
     if not ckpt.is_file():
         raise UserError(f"{ckpt} is not a file; pass the path of a checkpoint such as outputs/<run>/checkpoints/last.ckpt")
@@ -117,7 +126,7 @@ def evaluate(ckpt: Path, overrides: list[str]) -> dict:
     method.load_state_dict(found, strict=True)
     choices = cfg.hydra.runtime.choices
     names = {group: choices.get(group) for group in ("method", "backbone", "data")}
-    return {"checkpoint": str(ckpt), **names, "epochs": state.get("epoch"), "global_step": state.get("global_step"),
+    return {"checkpoint": str(ckpt), **names, "epochs": epochs_trained(state), "global_step": state.get("global_step"),
             **measure(method, method.views, cfg)}
 
 

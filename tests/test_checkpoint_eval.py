@@ -43,6 +43,7 @@ def test_a_checkpoint_evaluates_to_its_runs_own_numbers(run_dir):
     want = json.loads((run_dir / "results.json").read_text())
     assert (got["knn_top1"], got["linear_top1"]) == (want["knn_top1"], want["linear_top1"])
     assert got["method"] == "simclr" and got["data"] == "digits" and "kNN top-1 (%)" in proc.stdout
+    assert got["epochs"] == want["epochs"] == 1  # epochs trained, not the 0-based index of the last one
 
 
 def test_the_wrong_backbone_is_one_line_naming_the_right_one(run_dir):
