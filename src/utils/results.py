@@ -12,6 +12,8 @@ ROWS = [
     ("random_knn_top1", "random-init kNN top-1 (%)"), ("random_linear_top1", "random-init linear top-1 (%)"),
     ("zeroshot_top1", "zero-shot top-1 (%)"), ("random_zeroshot_top1", "random-init zero-shot top-1 (%)"),
     ("i2t_r1", "image->text R@1 (%)"), ("t2i_r1", "text->image R@1 (%)"), ("random_i2t_r1", "random-init image->text R@1 (%)"),
+    ("health_std_ratio", "feature std x sqrt(d), last check (~1 healthy)"), ("health_rankme", "RankMe, last check"),
+    ("collapsed", "representation collapsed"),
     ("eval_val_split", "evaluated on split"), ("last_online_val_top1", "online probe top-1 (%), last epoch"),
     ("wall_time_s", "wall time (s)"), ("train_images_per_s", "training images/s"),
     ("data_wait_fraction", "share of time waiting for data"), ("peak_memory_mib", "peak memory (MiB)"),
