@@ -1,0 +1,96 @@
+"""`python -m src.export`: the backbone alone, loading with strict=True into torchvision's ResNet and into
+timm.create_model, with the checkpoint's own features; one line for a format that does not fit."""
+
+import json
+
+import lightning as L
+import pytest
+import timm
+import torch
+import torchvision
+from hydra.utils import instantiate
+
+from src.eval import load_checkpoint
+from src.export import main as export_main
+from src.utils.checkpointing import model_from_checkpoint
+from src.utils.config import compose
+from tests.helpers import tiny_cfg, to_plain
+
+RESNET = ("method=simclr", "data=fake", "backbone=resnet18", "data.batch_size=16", "data.image_size=16",
+          "data.crop_size=16", "logger=none", "eval=none", "method.proj_hidden_dim=32", "method.proj_dim=32",
+          "method.warmup_epochs=0")
+CASES = {"resnet_cifar_stem": lambda: compose(RESNET), "resnet": lambda: compose([*RESNET, "backbone.cifar_stem=false"]),
+         "vit": lambda: tiny_cfg("simclr", "backbone.pool=mean", "backbone.pos_embed=sincos", vit=True)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A checkpoint per case: SimCLR trained for one step on fake 16 px RGB data."""
+    folder, out = tmp_path_factory.mktemp("export"), {}
+    for name, make_cfg in CASES.items():
+        L.seed_everything(0)
+        cfg = make_cfg()
+        method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+        method.run_config = {k: to_plain(cfg[k]) for k in ("backbone", "views", "method", "data")}
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(method, datamodule=instantiate(cfg.data))
+        trainer.save_checkpoint(folder / f"{name}.ckpt")
+        out[name] = folder / f"{name}.ckpt"
+    return out
+
+
+def exported(ckpt, fmt, capsys, out=None):
+    export_main([str(ckpt), "--format", fmt, *(["--out", str(out)] if out else [])])
+    printed = capsys.readouterr().out
+    path = printed.split(" -> ")[1].splitlines()[0]
+    info = json.loads(open(path + ".json").read())
+    weights = (torch.load(path, weights_only=True) if path.endswith(".pt")
+               else __import__("safetensors.torch", fromlist=["load_file"]).load_file(path))
+    return weights, info
+
+
+def same_features(ckpt, model):
+    backbone = model_from_checkpoint(load_checkpoint(ckpt)).backbone.eval()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).flatten(1), backbone(x), rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_loads_strict_into_torchvision(checkpoints, capsys):
+    weights, info = exported(checkpoints["resnet"], "torchvision", capsys)
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(weights, strict=True)
+    same_features(checkpoints["resnet"], model)
+    assert info["method"] == "SimCLR" and info["feature_dim"] == 512 and info["image_size"] == 16
+    assert info["mean"] and info["std"] and "strict=True" in info["load"]
+
+
+def test_cifar_stem_resnet_loads_strict_as_the_json_says(checkpoints, capsys):
+    weights, info = exported(checkpoints["resnet_cifar_stem"], "torchvision", capsys)
+    model = torchvision.models.resnet18()
+    model.fc, model.maxpool = torch.nn.Identity(), torch.nn.Identity()
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.load_state_dict(weights, strict=True)
+    same_features(checkpoints["resnet_cifar_stem"], model)
+    assert "m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)" in info["load"]
+
+
+def test_vit_loads_strict_into_timm_create_model(checkpoints, capsys, tmp_path):
+    weights, info = exported(checkpoints["vit"], "timm", capsys, out=tmp_path / "vit.safetensors")
+    model = timm.create_model(**info["timm_create_model"])
+    model.load_state_dict(weights, strict=True)
+    same_features(checkpoints["vit"], model)  # mean pooling and sin-cos positions carried over
+
+
+def test_state_dict_export_and_a_format_that_does_not_fit(checkpoints, capsys):
+    weights, info = exported(checkpoints["vit"], "state_dict", capsys)
+    backbone = instantiate({k: v for k, v in info["backbone"].items() if k != "pretrained"})
+    backbone.load_state_dict(weights, strict=True)
+    same_features(checkpoints["vit"], backbone)
+    with pytest.raises(SystemExit) as e:
+        export_main([str(checkpoints["vit"]), "--format", "torchvision"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["error: --format torchvision does not fit a ViT backbone; use --format timm "
+                                         "or state_dict"]
