@@ -180,8 +180,15 @@ def test_caption_file_datamodule_holds_out_pairs_and_skips_bad_images(pair_files
 
 
 def test_caption_choice_depends_on_seed_index_and_epoch_only():
-    draws = {cap.pick(0, 5, e, 5) for e in range(20)}
-    assert len(draws) > 1 and cap.pick(0, 5, 3, 5) == cap.pick(0, 5, 3, 5)
+    choice, captions = cap.CaptionChoice(), tuple("abcde")
+
+    def pick(seed, index, epoch):
+        choice.seed = seed
+        choice.set_epoch(epoch)
+        return choice.caption(index, captions)
+
+    draws = {pick(0, 5, e) for e in range(20)}
+    assert len(draws) > 1 and pick(0, 5, 3) == pick(0, 5, 3)
 
 
 def test_webdataset_shards_stream_with_the_last_shard_held_out(pair_files):

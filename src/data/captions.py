@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import json
 import os
@@ -36,6 +35,7 @@ from torch.utils.data import Dataset, default_collate
 
 from src.data.datasets import FolderImages, _reason, square, to_mode
 from src.utils.errors import UserError
+from src.utils.hashing import stable_hash
 
 # Zero-shot prompts and class-prompt captions (our own short list; set data.prompt_templates to change it).
 DEFAULT_TEMPLATES = (
@@ -65,10 +65,21 @@ def readable_name(folder: str) -> str:
     return folder.replace("_", " ").strip()
 
 
-def pick(seed: int, index: int, epoch: int, count: int) -> int:
-    """Which of ``count`` captions sample ``index`` uses in ``epoch``: a hash of the three, no RNG state."""
-    key = repr((seed, index, epoch)).encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % count
+class CaptionChoice:
+    """One caption per image and epoch, drawn from (run seed, image, epoch) alone (``epoch`` is set by the
+    sampler, see :class:`src.data.sampler.EpochSampler`); ``all_captions``: the tuple of them all."""
+
+    seed: int = 0
+    epoch: int = 0
+    all_captions: bool = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def caption(self, index: int, captions: tuple[str, ...]):
+        if self.all_captions:
+            return captions
+        return captions[stable_hash(self.seed, index, self.epoch) % len(captions)]
 
 
 # ---- caption files ------------------------------------------------------------------------------
@@ -148,9 +159,9 @@ def read_caption_file(path: str, image_root: str | None = None, image_key: str =
     return pairs, empty
 
 
-class CaptionedImages(FolderImages):
+class CaptionedImages(CaptionChoice, FolderImages):
     """Image files with captions: images decoded like :class:`FolderImages` (a bad file is replaced by the
-    next readable one and recorded), each sample's caption drawn by :func:`pick` (see the module doc)."""
+    next readable one and recorded), each sample's caption chosen by :class:`CaptionChoice`."""
 
     def __init__(self, pairs: list[tuple[str, tuple[str, ...]]], image_size: int, channels: int = 3,
                  skip_bad: bool = True, seed: int = 0, all_captions: bool = False):
@@ -158,37 +169,28 @@ class CaptionedImages(FolderImages):
         super().__init__(str(Path(pairs[0][0]).parent), image_size, channels, labelled=False, skip_bad=skip_bad,
                          samples=[(p, -1) for p, _ in pairs])
         self.captions = [c for _, c in pairs]
-        self.seed, self.epoch, self.all_captions = seed, 0, all_captions
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.seed, self.all_captions = seed, all_captions
 
     def __getitem__(self, i: int):
         j, image = self.readable(i)
-        captions = self.captions[j]
-        return image, torch.tensor(-1), captions if self.all_captions else captions[
-            pick(self.seed, j, self.epoch, len(captions))]
+        return image, torch.tensor(-1), self.caption(j, self.captions[j])
 
 
-class ClassPrompts(Dataset):
+class ClassPrompts(CaptionChoice, Dataset):
     """A labelled dataset of ``(image, label)`` as image–caption pairs: the captions of a label are the
     prompt templates filled with its class name."""
 
     def __init__(self, base: Dataset, class_names: list[str], templates: list[str], seed: int = 0,
                  all_captions: bool = False):
-        self.base, self.seed, self.epoch, self.all_captions = base, seed, 0, all_captions
+        self.base, self.seed, self.all_captions = base, seed, all_captions
         self.prompts = [tuple(t.format(name) for t in templates) for name in class_names]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int):
         image, label = self.base[i]
-        captions = self.prompts[int(label)]
-        return image, label, captions if self.all_captions else captions[pick(self.seed, i, self.epoch, len(captions))]
+        return image, label, self.caption(i, self.prompts[int(label)])
 
 
 class TokenizingCollate:

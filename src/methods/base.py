@@ -13,7 +13,6 @@ equal-sized views and the head once over all of them; :func:`view_pairs` lists w
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from torch import nn
 from src.nn.ema import update_momentum
 from src.nn.schedules import cosine_schedule, warmup_cosine
 from src.utils.errors import UserError
+from src.utils.hashing import stable_hash
 
 
 def size_runs(views: list[torch.Tensor]) -> list[slice]:
@@ -141,7 +141,7 @@ class SSLMethod(L.LightningModule):
         t = self.trainer
         index = t.fit_loop.epoch_loop.batch_progress.current.ready  # batches of this epoch started before it
         key = (int(os.environ.get("PL_GLOBAL_SEED", 0)), t.global_rank, t.current_epoch, index)
-        return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") % 2**63
+        return stable_hash(*key) % 2**63
 
     # ---- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
