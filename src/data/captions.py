@@ -294,14 +294,14 @@ def _web_sample(sample: dict, image_size: int, mode: str, record, all_captions: 
 def web_stream(shards: list[str], image_size: int, channels: int, record, seed: int, shuffle_buffer: int,
                batch_size: int, batches_per_epoch: int, collate: Callable, num_workers: int):
     """The training stream over ``shards``: shards drawn at random with replacement (seeded by the run seed, the
-    rank, the worker and the epoch), samples shuffled in a buffer, batches of exactly ``batch_size``, and
+    rank, the worker and the epoch), samples shuffled in a seeded buffer (raw bytes; decoded after it), batches of exactly ``batch_size``, and
     ``batches_per_epoch`` batches per epoch on every rank, so DDP ranks never wait for each other."""
     import webdataset as wds
 
     mode = "L" if channels == 1 else "RGB"
     pipeline = (wds.WebDataset(shards, resampled=True, shardshuffle=False, detshuffle=True, seed=seed,
                                handler=wds.warn_and_continue, nodesplitter=None, empty_check=False)
-                .shuffle(shuffle_buffer)
+                .shuffle(shuffle_buffer, seed=seed)  # reproducible: the shards drawn differ by rank, worker, epoch
                 .compose(lambda samples: (y for s in samples for y in _web_sample(s, image_size, mode, record)))
                 .batched(batch_size, collation_fn=collate, partial=False))
     per_worker = -(-batches_per_epoch // max(num_workers, 1))
