@@ -22,6 +22,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
@@ -76,6 +77,22 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise UserError(f"{path} is not a checkpoint of this framework (no state_dict); pass a last.ckpt")
     return state
+
+
+def load_run_model(ckpt: Path, purpose: str) -> tuple[dict, Any]:
+    """``(state, model)`` of a checkpoint that carries its run config (every checkpoint of this framework since the
+    config was saved in it), the model rebuilt from that config with its weights, in eval mode; ``purpose`` (e.g.
+    "search needs a CLIP checkpoint") ends the one-line error for a missing file or config."""
+    from src.utils.checkpointing import model_from_checkpoint
+
+    if not ckpt.is_file():
+        raise UserError(f"{ckpt} is not a file; pass a checkpoint such as outputs/<run>/checkpoints/last.ckpt "
+                        f"({purpose})")
+    state = load_checkpoint(ckpt)
+    config = state.get("config")
+    if not isinstance(config, dict) or not {"method", "backbone", "views", "data"} <= config.keys():
+        raise UserError(f"{ckpt} has no run config in it (written by older versions); {purpose}")
+    return state, model_from_checkpoint(state)
 
 
 def weight_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], prefix: str) -> str | None:

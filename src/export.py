@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.utils.checkpointing import atomic_torch_save, model_from_checkpoint
+from src.utils.checkpointing import atomic_torch_save
 from src.utils.errors import UserError
 from src.utils.preflight import fail
 
@@ -69,18 +69,12 @@ def timm_create_kwargs(backbone_cfg: dict, backbone: nn.Module) -> dict:
 
 
 def export(ckpt: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict]:
-    from src.eval import load_checkpoint
+    from src.eval import epochs_trained, load_run_model
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
-    if not ckpt.is_file():
-        raise UserError(f"{ckpt} is not a file; pass a checkpoint such as outputs/<run>/checkpoints/last.ckpt")
-    state = load_checkpoint(ckpt)
-    config = state.get("config")
-    if not isinstance(config, dict) or "backbone" not in config:
-        raise UserError(f"{ckpt} has no run config in it (written by older versions); export needs a checkpoint of "
-                        "this framework that carries its config")
-    method = model_from_checkpoint(state)
+    state, method = load_run_model(ckpt, "export needs a checkpoint of this framework that carries its config")
+    config = state["config"]
     backbone, backbone_cfg, data = method.backbone, config["backbone"], config["data"]
     kind = backbone_cfg["_target_"].rsplit(".", 1)[-1]
     fits = [f for f in FORMATS if kind in LIBRARY_BACKBONES.get(f, {kind})]
@@ -90,7 +84,7 @@ def export(ckpt: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict]:
     info = {"checkpoint": str(ckpt), "format": fmt, "method": config["method"]["_target_"].rsplit(".", 1)[-1],
             "backbone": backbone_cfg, "image_size": int(data.get("crop_size") or data.get("image_size")),
             "channels": channels, "mean": data.get("mean"), "std": data.get("std"), "feature_dim": int(backbone.out_dim),
-            "epochs": state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")}
+            "epochs": epochs_trained(state)}
     if fmt == "state_dict":
         weights = _prefixed(method.state_dict(), "backbone.")
         target = type(backbone)(**{k: v for k, v in backbone_cfg.items() if k not in ("_target_", "pretrained")})

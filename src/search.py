@@ -20,30 +20,21 @@ import torch
 
 from src.callbacks.image_text import encode_texts, has_text_tower
 from src.data.datasets import decode, image_files
-from src.utils.checkpointing import atomic_torch_save, model_from_checkpoint
+from src.utils.checkpointing import atomic_torch_save
 from src.utils.errors import UserError
 from src.utils.preflight import fail
 from src.utils.sheet import contact_sheet
 
 
 def load_model(ckpt: Path):
-    from src.eval import load_checkpoint
+    from src.eval import load_run_model
 
-    if not ckpt.is_file():
-        raise UserError(f"{ckpt} is not a file; pass a CLIP checkpoint such as outputs/<run>/checkpoints/last.ckpt")
-    state = load_checkpoint(ckpt)
-    config = state.get("config")
-    if not isinstance(config, dict) or "method" not in config:
-        raise UserError(f"{ckpt} has no run config in it (written by older versions); search needs a CLIP checkpoint "
-                        "of this framework")
-    target = str(config["method"].get("_target_", "?")).rsplit(".", 1)[-1]
-    if target != "CLIP":
+    state, model = load_run_model(ckpt, "search needs a CLIP checkpoint of this framework")
+    target = str(state["config"]["method"].get("_target_", "?")).rsplit(".", 1)[-1]
+    if not has_text_tower(model):
         raise UserError(f"{ckpt} is a {target} checkpoint, not an image–text one; search needs a checkpoint of "
                         "method=clip")
-    model = model_from_checkpoint(state)
-    if not has_text_tower(model):
-        raise UserError(f"{ckpt}: {target} has no text tower to search with")
-    return model, config
+    return model, state["config"]
 
 
 def listing(folder: Path) -> list[tuple[str, int, int]]:
