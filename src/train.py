@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.callbacks.data_health import DataHealth
 from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption
 from src.callbacks.throughput import ThroughputMonitor
-from src.utils.checkpointing import AtomicCheckpointIO, resumable_runs
+from src.utils.checkpointing import AtomicCheckpointIO, finished, resumable_runs
 from src.utils.checks import check_config
 from src.utils.config import CONF_DIR, compose
 from src.utils.errors import RunInterrupted, UserError
@@ -204,7 +204,7 @@ def continue_job(cfg: DictConfig, run_dir: Path) -> float | None:
     ckpt, results = run_dir / "checkpoints" / "last.ckpt", run_dir / "results.json"
     if not ckpt.is_file() or cfg.get("ckpt_path"):
         return None
-    if results.is_file() and results.stat().st_mtime >= ckpt.stat().st_mtime:
+    if finished(run_dir):
         print(f"resume=auto: {run_dir} already finished; its results are in {results}", flush=True)
         value = json.loads(results.read_text()).get(cfg.objective)
         return float(value) if isinstance(value, int | float) else None
@@ -237,7 +237,7 @@ def resume_arguments(argv: list[str]) -> list[str]:
         return argv
     run = runs[0]
     results, ckpt = run / "results.json", run / "checkpoints" / "last.ckpt"
-    if results.is_file() and results.stat().st_mtime >= ckpt.stat().st_mtime:
+    if finished(run):
         say(f"resume=auto: {run} already finished; its results are in {results}", flush=True)
         sys.exit(0)
     say(f"resume=auto: continuing {run} from {ckpt}", flush=True)

@@ -85,6 +85,13 @@ def resumable_runs(cfg: DictConfig, search: Path) -> list[Path]:
     return sorted(found, key=lambda r: (r / "checkpoints" / "last.ckpt").stat().st_mtime, reverse=True)
 
 
+def finished(run: Path) -> bool:
+    """Whether the run folder's results.json is newer than its last.ckpt: the run ended after its last checkpoint,
+    so ``resume=auto`` has nothing left to do."""
+    results, ckpt = run / "results.json", run / "checkpoints" / "last.ckpt"
+    return results.is_file() and ckpt.is_file() and results.stat().st_mtime >= ckpt.stat().st_mtime
+
+
 def model_from_checkpoint(state: dict) -> Any:
     """The method of a checkpoint ``state`` (read with ``weights_only=True``), rebuilt from the run config saved
     in it (``state["config"]``) and loaded with its weights, in eval mode."""
