@@ -8,6 +8,7 @@ the evaluation callbacks.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import lightning as L
@@ -191,7 +192,7 @@ class SSLDataModule(L.LightningDataModule):
     # ---- image–text pairs -------------------------------------------------------------------------
     def _setup_captions(self) -> None:
         """Pre-training pairs and held-out pairs from ``data.captions`` (see src/data/captions.py)."""
-        size, seed = self.image_size, self.seed
+        seed = self.seed
         if self.captions == "class_prompts":
             if not self.has_labels:
                 raise UserError(f"data.captions=class_prompts needs a labelled dataset; data={self.name} has no labels")
@@ -221,31 +222,33 @@ class SSLDataModule(L.LightningDataModule):
                 order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
                 n = min(self.held_out_pairs, len(pairs) // 5)
                 held, pairs = [pairs[i] for i in sorted(order[:n])], [pairs[i] for i in sorted(order[n:])]
-            self._captioned = cap.CaptionedImages(pairs, size, self.channels, self.skip_bad_images, seed)
+            self._captioned = cap.CaptionedImages(pairs, self.image_size, self.channels, self.skip_bad_images, seed)
             self.pretrain = self._captioned
             self.folders.append(self._captioned)
             for where in empty:  # reported with the unreadable images (DataHealth)
                 self._captioned._record(where, "empty caption")
             if held:
-                self.pairs = cap.CaptionedImages(held, size, self.channels, self.skip_bad_images, seed, all_captions=True)
-                self.folders.append(self.pairs)
+                self.pairs = self._held_out_files(held)
         if self.val_captions:
             if cap.caption_format(self.val_captions) == "webdataset":
                 self.pairs = self._read_web_pairs(cap.shard_list(self.val_captions))
             else:
-                held, _ = cap.read_caption_file(self.val_captions, self.image_root, *self.caption_keys)
-                self.pairs = cap.CaptionedImages(held, size, self.channels, self.skip_bad_images, seed, all_captions=True)
-                self.folders.append(self.pairs)
+                self.pairs = self._held_out_files(cap.read_caption_file(self.val_captions, self.image_root,
+                                                                        *self.caption_keys)[0])
 
-    def _read_web_pairs(self, shards: list[str]) -> Dataset:
-        """Up to ``held_out_pairs`` held-out pairs of ``shards``, decoded once into memory."""
-        import itertools
+    def _held_out_files(self, pairs: list) -> Dataset:
+        """Held-out image files with all their captions (retrieval), their bad files reported like the others."""
+        held = cap.CaptionedImages(pairs, self.image_size, self.channels, self.skip_bad_images, self.seed,
+                                   all_captions=True)
+        self.folders.append(held)
+        return held
 
+    def _read_web_pairs(self, shards: list[str]) -> list:
+        """Up to ``held_out_pairs`` held-out pairs of ``shards``, decoded once into memory (a list is a dataset)."""
         log = ds.SkipLog()
         self.folders.append(log)
-        samples = list(itertools.islice(cap.web_pairs(shards, self.image_size, self.channels, log._record, True),
-                                        self.held_out_pairs))
-        return samples
+        return list(itertools.islice(cap.web_pairs(shards, self.image_size, self.channels, log._record, True),
+                                     self.held_out_pairs))
 
     def zeroshot_class_names(self) -> list[str]:
         """The class names zero-shot classification and class prompts use: ``data.class_names``, else the

@@ -34,10 +34,11 @@ def plugin_problems(argv: list[str]) -> list[str]:
     """A sweeper or launcher whose optional extra is not installed: one line saying what to install."""
     import importlib.util
 
-    problems = []
+    problems, named = [], set()
     for prefix, module, extra, what in PLUGINS:
         given = next((a for a in argv if a.startswith(prefix) and not a.endswith("=null")), None)
-        if given and importlib.util.find_spec(module) is None and not any(extra in p for p in problems):
+        if given and module not in named and importlib.util.find_spec(module) is None:
+            named.add(module)  # one line per missing extra
             problems.append(f"{given} needs {what}, an optional extra: pip install -e '.[{extra}]'")
     return problems
 
