@@ -28,8 +28,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from src.utils.errors import RunInterrupted
 
 # While training, these only set a flag (Lightning's own SIGTERM handler runs collectives inside the handler,
-# which deadlocks DDP when the ranks get different numbers of signals); the flag is reduced over the ranks
-# at the end of every batch.
+# which deadlocks DDP when the ranks get different numbers of signals); the flag is reduced over the ranks at
+# batch ends (see Preemption) and at the end of every epoch.
 CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # SLURM's --signal warning before a time limit or pre-emption
 
@@ -88,10 +88,18 @@ class DataPosition(L.Callback):
 
 class Preemption(L.Callback):
     """On a caught signal, every rank finishes its batch, ``last.ckpt`` is written (atomically) and the run
-    stops with :class:`RunInterrupted`; ``resume=auto`` continues it from that batch."""
+    stops with :class:`RunInterrupted`; ``resume=auto`` continues it from that batch.
 
-    def __init__(self, checkpoint_path: str | Path):
+    The ranks agree on stopping through a reduce of the flag. Where that costs no host-device sync (one process,
+    or processes on CPUs) the flag is read after every batch, so the run stops at the batch the signal came in;
+    on accelerators with several processes it is reduced every ``check_every_n_batches`` batches, at the last
+    batch and at the end of each epoch, so the run stops at most that many batches later."""
+
+    def __init__(self, checkpoint_path: str | Path, check_every_n_batches: int = 10):
+        if check_every_n_batches < 1:
+            raise ValueError(f"check_every_n_batches={check_every_n_batches} must be >= 1")
         self.checkpoint_path = str(checkpoint_path)
+        self.check_every_n_batches = check_every_n_batches
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -111,9 +119,24 @@ class Preemption(L.Callback):
             signal.signal(sig, handler)
         self._previous = {}
 
+    def _every_batch(self, trainer: L.Trainer) -> bool:
+        return trainer.world_size == 1 or trainer.strategy.root_device.type == "cpu"
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        due = (batch_idx + 1) % self.check_every_n_batches == 0 or batch_idx + 1 >= trainer.num_training_batches
+        if due or self._every_batch(trainer):
+            self._stop_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_signalled(trainer)  # a signal during the epoch's evaluation callbacks
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        """Checkpoint and raise :class:`RunInterrupted` when any rank caught a signal (all ranks call this together)."""
         received = self.received or (signal.SIGTERM if getattr(trainer, "received_sigterm", False) else None)
-        if not trainer.strategy.reduce_boolean_decision(received is not None, all=False):
+        if trainer.world_size == 1:  # no reduce: the flag is a Python value
+            if received is None:
+                return
+        elif not trainer.strategy.reduce_boolean_decision(received is not None, all=False):
             return
         trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
         previous = self._previous.get(received)

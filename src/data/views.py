@@ -65,8 +65,9 @@ def random_resized_crop_flip(
     k = torch.zeros(B, dtype=torch.long, device=dev)
     if rot90_p > 0:
         k = torch.where(torch.rand(B, device=dev) < rot90_p, torch.randint(1, 4, (B,), device=dev), k)
-    cos = torch.tensor([1.0, 0.0, -1.0, 0.0], device=dev)[k]  # exact cos / sin of k x 90 degrees
-    sin = torch.tensor([0.0, 1.0, 0.0, -1.0], device=dev)[k]
+    # exact cos / sin of k x 90 degrees (1, 0, -1, 0 and 0, 1, 0, -1), from k alone: no table copied to the device
+    cos = ((1 - k % 2) * (1 - k)).float()
+    sin = ((k % 2) * (2 - k)).float()
     sx, sy = w / W * flip, h / H * vflip
     theta = torch.zeros(B, 2, 3, device=dev)  # input = diag(sx, sy) @ rotation(k) @ output + centre
     theta[:, 0, 0], theta[:, 0, 1] = sx * cos, -sx * sin
@@ -102,7 +103,7 @@ def shift_hue(x: Tensor, hue: Tensor) -> Tensor:
     delta = maxc - x.amin(1, keepdim=True)
     diff = x.roll(-1, 1) - x.roll(-2, 1)  # (g - b, b - r, r - g)
     h6 = diff.gather(1, arg) / delta.clamp_min(1e-12) + 2 * arg  # hue in [-1, 5] sixths; any value if delta=0
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1
     k = (n + h6 + 6 * hue.view(-1, 1, 1, 1)) % 6
     return maxc - delta * torch.minimum(k, 4 - k).clamp(0, 1)
 

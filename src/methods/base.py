@@ -21,8 +21,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.distributed import ReduceOp
 
 from src.nn.ema import update_momentum
+from src.nn.nonfinite import NonFiniteWatch
 from src.nn.schedules import cosine_schedule, warmup_cosine
 from src.utils.errors import UserError
 from src.utils.hashing import stable_hash
@@ -82,6 +84,7 @@ class SSLMethod(L.LightningModule):
         self.skipped_steps = 0  # steps dropped for a non-finite loss (nonfinite_loss=skip); checkpointed
         self.run_config: dict | None = None  # the run's resolved backbone/views/method/data config (src/train.py)
         self._skipping = False
+        self._nonfinite = NonFiniteWatch()  # nonfinite_loss=stop: bad losses noted on the device (src/nn/nonfinite.py)
 
     # ---- what a method writes -------------------------------------------------------------------
     def training_loss(self, views: list[torch.Tensor]):
@@ -111,12 +114,21 @@ class SSLMethod(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
+    # The online probe's cheap input (eval.online_probe.features=train_view): the detached backbone features of
+    # the first view of the current training batch (N x D), set by embed's online pass; None until then. Methods
+    # that never call embed leave it None, and the probe falls back to its own eval-mode pass.
+    first_view_features: torch.Tensor | None = None
+
     def embed(self, views: list[torch.Tensor], head: nn.Module | None = None,
               backbone: nn.Module | None = None) -> list[torch.Tensor]:
         """Per-view outputs of ``head(backbone(view))``. Consecutive views of one size go through the
-        backbone as one batch; the head (with its BatchNorm) sees all views at once."""
+        backbone as one batch; the head (with its BatchNorm) sees all views at once. The online backbone's
+        (``backbone=None``) features of the first view are kept, detached, in :attr:`first_view_features`."""
+        online = backbone is None
         backbone = backbone if backbone is not None else self.forward
         out = torch.cat([backbone(torch.cat(views[run])) for run in size_runs(views)])  # V N x D
+        if online:
+            self.first_view_features = out[: views[0].shape[0]].detach()  # N x D: the first view's rows
         out = head(out) if head is not None else out
         return list(out.chunk(len(views)))
 
@@ -144,34 +156,62 @@ class SSLMethod(L.LightningModule):
         return stable_hash(*key) % 2**63
 
     # ---- training -------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """The loss of the batch, with no host-device sync under ``nonfinite_loss=stop``: a non-finite loss is noted
+        on the device and read back at the check points of :meth:`check_nonfinite`. ``nonfinite_loss=skip`` must
+        decide before the optimizer step, so it reads the loss's finiteness (and reduces it over the ranks) every
+        step: one sync per step."""
         skip = self.hparams.nonfinite_loss == "skip"  # then a skipped step must leave no trace in the buffers
         saved = [b.detach().clone() for b in self.buffers()] if skip else []  # BatchNorm statistics, queues, ...
         out = self.batch_loss(batch)
         loss, logs = out if isinstance(out, tuple) else (out, {})
         bs = batch["image"].shape[0]
-        # every rank takes the same decision (a rank that skipped its backward alone would hang DDP)
-        self._skipping = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        if skip:  # every rank takes the same decision (a rank that skipped its backward alone would hang DDP)
+            self._skipping = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        else:
+            self._nonfinite.note(loss, logs, self.global_step)
         if self._skipping:
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
-            where = f"non-finite loss {float(loss)} at step {self.global_step}" + (f" ({terms})" if terms else "")
-            if self.hparams.nonfinite_loss == "stop":
-                raise NonFiniteLossError(f"{where}; lower method.optimizer.lr or check the data (or set "
-                                         "nonfinite_loss=skip); the last good checkpoint is kept")
             with torch.no_grad():
                 for buffer, value in zip(self.buffers(), saved, strict=True):
                     buffer.copy_(value)
             self.skipped_steps += 1
-            rank_zero_warn(f"{where}: step skipped ({self.skipped_steps} so far)")
+            rank_zero_warn(f"{self._nonfinite_words(loss, logs)}: step skipped ({self.skipped_steps} so far)")
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=bs)
             return None  # Lightning runs no backward; the optimizer finds no gradients and changes nothing
 
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        # a progress-bar value is read back (.item()) after every batch: only on the CPU, where that costs nothing
+        self.log("train/loss", loss, prog_bar=self.device.type == "cpu", batch_size=bs)
         for k, v in logs.items():  # a pretext task's accuracy is also averaged over each epoch (for results)
             epoch = k == "pretext_acc"
             self.log(f"train/{k}", v, batch_size=bs, on_epoch=epoch, sync_dist=epoch)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        if self._log_step():  # a Python number is copied to the device: only when the loggers write it
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
+
+    def _nonfinite_words(self, loss: torch.Tensor, logs: dict) -> str:
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+        return f"non-finite loss {float(loss)} at step {self.global_step}" + (f" ({terms})" if terms else "")
+
+    def _log_step(self) -> bool:
+        """Whether the loggers write this batch's step metrics (Lightning's rule: every ``log_every_n_steps``)."""
+        return self.trainer._logger_connector.should_update_logs
+
+    def check_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first step whose loss was not finite (on any rank), if
+        there was one. One reduce over the ranks and one host-device sync; called at every logging step, at the
+        last batch of each epoch (before the epoch's evaluation) and before any checkpoint is written, so no
+        checkpoint holds weights trained on a non-finite loss and the last good ``last.ckpt`` stays."""
+        if self.hparams.nonfinite_loss != "stop" or self._trainer is None:
+            return
+        reduce_min = lambda t: self.trainer.strategy.reduce(t, reduce_op=ReduceOp.MIN)  # noqa: E731
+        step = self._nonfinite.first_bad_step(reduce_min if self.trainer.world_size > 1 else lambda t: t)
+        if step is not None:
+            raise NonFiniteLossError(f"{self._nonfinite.describe(step)}; lower method.optimizer.lr or check the data "
+                                     "(or set nonfinite_loss=skip); the last good checkpoint is kept")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._log_step() or batch_idx + 1 >= self.trainer.num_training_batches:
+            self.check_nonfinite()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Cosine weight-decay schedule (DINO): ``weight_decay`` -> ``weight_decay_end`` over training."""
@@ -208,6 +248,7 @@ class SSLMethod(L.LightningModule):
                                self.hparams.momentum_end)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_nonfinite()  # before anything is written: a checkpoint after a bad step never replaces a good one
         checkpoint["skipped_steps"] = self.skipped_steps
         if self.run_config is not None:  # plain values: a checkpoint can rebuild its model (a BEiT tokenizer)
             checkpoint["config"] = self.run_config

@@ -36,7 +36,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather
     idx = torch.arange(n, device=z.device) + offset
     self_idx = torch.cat([idx, idx + m])  # where each anchor sits among the candidates
     pos_idx = torch.cat([idx + m, idx])  # its partner view
-    logits[torch.arange(2 * n, device=z.device), self_idx] = float("-inf")
+    no_self = torch.full((), float("-inf"), dtype=logits.dtype, device=z.device)  # no host copy per step
+    logits.index_put_((torch.arange(2 * n, device=z.device), self_idx), no_self)
     return F.cross_entropy(logits, pos_idx)
 
 
