@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-fast lint clean data quality
+.PHONY: install train test test-fast lint clean data quality bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ train: $(STAMP)
 # Benchmark: every method on Fashion-MNIST under one CPU budget -> docs/results.md (hours on 2 cores).
 quality: $(STAMP)
 	$(PY) -m src.bench.quality $(ARGS)
+
+# Speed: the framework's training step beside a bare PyTorch loop and lightly's pipeline -> docs/benchmarks.md
+# (lightly comes with the bench extra; ARGS="--methods simclr,byol --steps 50" for more).
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]" || echo "could not install the bench extra; the lightly column will say so"
+	$(PY) -m src.bench.speed --out docs/benchmarks.md $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
