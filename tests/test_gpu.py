@@ -52,3 +52,23 @@ def test_fsdp_trains_a_vit_and_writes_a_full_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["state_dict"]["backbone.net.blocks.0.attn.qkv.weight"].shape == (192, 64)  # gathered, not a shard
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_training_steps_between_checks_never_wait_for_the_gpu(tmp_path, on_device):
+    """CUDA's sync debug mode is "error" in every batch (views, step, callbacks' batch hooks) after the first, except
+    where the non-finite guard reads its flag (tests/test_fastpath.py): any host-device sync there raises."""
+    import contextlib
+
+    from tests.test_fastpath import _fit, check_batches
+
+    @contextlib.contextmanager
+    def strict(batch):
+        torch.cuda.set_sync_debug_mode("error" if batch > 0 and batch not in check_batches() else 0)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    counter, last = _fit(tmp_path, during=strict, accelerator="gpu", on_device=on_device)
+    assert counter.batch == 11 and last.is_file()

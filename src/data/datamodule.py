@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from src.data import captions as cap
 from src.data import datasets as ds
 from src.data import transfer
-from src.data.sampler import epoch_loader
+from src.data.sampler import DeviceLoader, epoch_loader
 from src.utils.errors import UserError
 
 IN_MEMORY = {"digits", "fashion_mnist", "cifar10", "cifar100", "stl10", "fake"}
@@ -35,11 +35,20 @@ class SSLDataModule(L.LightningDataModule):
                  captions: str | None = None, caption_keys: list[str] | None = None, image_root: str | None = None,
                  val_captions: str | None = None, held_out_pairs: int = 1000, num_samples: int | None = None,
                  shuffle_buffer: int = 1000, class_names: list[str] | None = None,
-                 prompt_templates: list[str] | None = None):
+                 prompt_templates: list[str] | None = None, on_device: bool = False):
         super().__init__()
         if name not in IN_MEMORY | FOLDERS | transfer.TRANSFER | {CAPTIONS}:
             allowed = ", ".join(sorted(IN_MEMORY | FOLDERS | transfer.TRANSFER | {CAPTIONS}))
             raise UserError(f"data.name={name!r} is unknown; allowed: {allowed}")
+        if on_device and (name not in IN_MEMORY or captions):
+            what = "captions are read from files" if captions else f"data={name} is read from files, not held in memory"
+            raise UserError(f"data.on_device=true keeps an in-memory dataset (digits, fashion_mnist, cifar10, cifar100, "
+                            f"stl10) on the training device, but {what}; set data.on_device=false")
+        if on_device and num_workers > 0:
+            raise UserError(f"data.on_device=true cuts batches on the device with no loader workers, but "
+                            f"data.num_workers={num_workers}; set data.num_workers=0")
+        self.on_device = on_device  # the pre-training images live on the training device (DeviceLoader)
+        self._device_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.name, self.root, self.image_size, self.channels = name, root, image_size, channels
         self.crop_size = crop_size or image_size
         self.num_classes, self.mean, self.std = num_classes, mean, std
@@ -286,11 +295,26 @@ class SSLDataModule(L.LightningDataModule):
             return cap.web_stream(self._shards, self.image_size, self.channels, self._web_log._record,
                                   torch.initial_seed() * 1000 + rank, self.shuffle_buffer, self.batch_size,
                                   self.num_samples // (self.batch_size * world), collate, self.num_workers)
+        if self.on_device:
+            return DeviceLoader(self._pretrain_on_device(), self.batch_size, torch.initial_seed())
         on_epoch = self._captioned.set_epoch if self._captioned is not None else None
         return epoch_loader(self.pretrain, self.batch_size, torch.initial_seed(), on_epoch, drop_last=True,
                             num_workers=self.num_workers, collate_fn=collate,
                             persistent_workers=self.num_workers > 0 and on_epoch is None,
                             pin_memory=torch.cuda.is_available())
+
+    def _pretrain_on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-training images (uint8) and labels, copied once to the trainer's device."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self._device_tensors is None or self._device_tensors[0].device != device:
+            data, idx = self.pretrain, None
+            if isinstance(data, Subset):  # max_train_samples
+                data, idx = data.dataset, torch.as_tensor(data.indices)
+            images, labels = data.split.images, data.split.labels
+            if idx is not None:
+                images, labels = images[idx], labels[idx]
+            self._device_tensors = (images.to(device), labels.to(device))
+        return self._device_tensors
 
     def pairs_dataloader(self) -> DataLoader | None:
         """Held-out image–caption pairs as ``(images, labels, [captions of each image])`` (None without any)."""

@@ -4,7 +4,8 @@
 sees the same order as an uninterrupted one; under DDP it gives each rank its own slice of the same
 permutation (Lightning's sampler replacement is off: ``use_distributed_sampler=False`` in train.py).
 On a mid-epoch resume, :class:`src.callbacks.resume.DataPosition` tells it how many samples of the epoch
-to skip (without loading them).
+to skip (without loading them). :class:`DeviceLoader` cuts the same batches from tensors that live on the
+training device (``data.on_device=true``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 
@@ -40,21 +42,30 @@ class EpochSampler(Sampler[int]):
         """The next pass over ``epoch`` starts ``samples`` samples (of this rank) in."""
         self._resume = (epoch, samples)
 
-    def indices(self) -> list[int]:
+    def _permutation(self) -> Tensor:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         order = torch.randperm(self.n, generator=g)
         rank, world = _rank_world()
-        return order[: self.n - self.n % world][rank::world].tolist()
+        return order[: self.n - self.n % world][rank::world]
 
-    def __iter__(self) -> Iterator[int]:
-        idx = self.indices()
+    def indices(self) -> list[int]:
+        """This rank's indices of the whole current epoch."""
+        return self._permutation().tolist()
+
+    def order(self) -> Tensor:
+        """This rank's indices of the current epoch as a pass over it sees them: a resumed epoch from its first
+        unseen sample on (the skip is used once)."""
+        idx = self._permutation()
         if self._resume is not None:
             epoch, skip = self._resume
             if epoch == self.epoch:
                 idx = idx[skip:]
             if epoch <= self.epoch:  # an earlier epoch: Lightning's set-up pass before set_epoch; keep waiting
                 self._resume = None
-        return iter(idx)
+        return idx
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
 
     def __len__(self) -> int:
         return self.n // _rank_world()[1]
@@ -67,3 +78,24 @@ def epoch_loader(dataset, batch_size: int, seed: int, on_epoch: Callable[[int], 
     would draw other views than an uninterrupted one."""
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, on_epoch),
                       generator=torch.Generator().manual_seed(seed % 2**63), **kwargs)
+
+
+class DeviceLoader:
+    """Training batches cut from tensors that live on the training device (``data.on_device=true``): the epoch's
+    order and resume skip come from an :class:`EpochSampler` as with :func:`epoch_loader` (the same batches, bit for
+    bit), the order is copied to the device once per epoch and each batch is an ``index_select`` there. No workers,
+    no copies and no host work per batch. The last partial batch is dropped. ``sampler`` and ``batch_size`` are
+    what Lightning (``set_epoch``) and :class:`src.callbacks.resume.DataPosition` use."""
+
+    def __init__(self, tensors: tuple[Tensor, ...], batch_size: int, seed: int):
+        self.tensors, self.batch_size = tensors, batch_size
+        self.sampler = EpochSampler(len(tensors[0]), seed)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        idx = self.sampler.order().to(self.tensors[0].device)
+        for start in range(0, len(idx) - self.batch_size + 1, self.batch_size):
+            batch = idx[start:start + self.batch_size]
+            yield [t.index_select(0, batch) for t in self.tensors]
