@@ -195,3 +195,52 @@ def test_on_device_refuses_data_it_cannot_hold_in_one_line(overrides, words):
         instantiate(cfg.data)
     error = info.value if isinstance(info.value, UserError) else info.value.__cause__
     assert isinstance(error, UserError) and words in str(error) and "\n" not in str(error)
+
+
+# ---- method.compile, fused optimizers ------------------------------------------------------------------------------
+def test_compile_option_compiles_the_backbone_in_place_and_training_runs(tmp_path, monkeypatch):
+    """Inductor takes minutes to build CPU kernels on this machine, so the compile call is given dynamo's "eager"
+    backend here (the graph is traced, then run by PyTorch); tests/test_gpu.py runs inductor itself."""
+    compiled, original = [], torch.nn.Module.compile
+
+    def traced_only(self, *args, **kwargs):
+        compiled.append(self)
+        return original(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", traced_only)
+    cfg = tiny_cfg("simclr", "+method.compile=true")
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+    keys = set(method.state_dict())
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(method, datamodule=instantiate(cfg.data))
+    assert compiled == [method.backbone] and method.backbone._compiled_call_impl is not None
+    assert set(method.state_dict()) == keys and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_compile_without_a_compiler_is_one_line(monkeypatch):
+    import src.methods.base as base
+
+    monkeypatch.setattr(base.shutil, "which", lambda name: None)
+    cfg = tiny_cfg("simclr", "+method.compile=true")
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(base.UserError, match=r"^method.compile=true: inductor needs a C\+\+ compiler .*; set "
+                                             r"method.compile=false$"):
+        trainer.fit(method, datamodule=instantiate(cfg.data))
+
+
+def test_fused_optimizers_only_for_torchs_adam_adamw_sgd_on_cuda_tensors():
+    from functools import partial
+
+    from src.methods.base import fusable
+    from src.nn.optim import LARS
+
+    cuda = [SimpleNamespace(is_cuda=True, is_sparse=False)] * 2
+    assert fusable(partial(torch.optim.AdamW, lr=1.0), cuda) and fusable(partial(torch.optim.Adam, lr=1.0), cuda)
+    assert fusable(partial(torch.optim.SGD, lr=1.0), cuda)  # torch >= 2.4 has a fused SGD
+    assert not fusable(partial(LARS, lr=1.0), cuda)  # the project's own: no fused kernel
+    assert not fusable(partial(torch.optim.AdamW, lr=1.0, fused=False), cuda)  # the config's choice stands
+    assert not fusable(partial(torch.optim.AdamW, lr=1.0), [torch.zeros(1)])  # CPU tensors
+    assert not fusable(partial(torch.optim.AdamW, lr=1.0), [*cuda, torch.zeros(1)])

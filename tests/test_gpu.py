@@ -72,3 +72,14 @@ def test_training_steps_between_checks_never_wait_for_the_gpu(tmp_path, on_devic
 
     counter, last = _fit(tmp_path, during=strict, accelerator="gpu", on_device=on_device)
     assert counter.batch == 11 and last.is_file()
+
+
+def test_compile_and_fused_adamw_train_on_the_gpu():
+    """method.compile=true with inductor (Triton kernels) and MAE's AdamW built fused on CUDA parameters."""
+    cfg = tiny_cfg("mae", "+method.compile=true")
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)
+    trainer.fit(method, datamodule=instantiate(cfg.data))
+    assert method.backbone._compiled_call_impl is not None and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert trainer.optimizers[0].defaults["fused"] is True

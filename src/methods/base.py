@@ -13,8 +13,10 @@ equal-sized views and the head once over all of them; :func:`view_pairs` lists w
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import shutil
 from collections.abc import Callable
 
 import lightning as L
@@ -60,6 +62,28 @@ def decay_groups(params, **options) -> list[dict]:
     return [{"params": decay, **options}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **options}]
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile``'s default backend (inductor) cannot build kernels for ``device`` here, or None."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "inductor needs Triton for CUDA and it is not installed (pip install triton)"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "inductor needs a C++ compiler for the CPU and none was found (install g++)"
+    return None
+
+
+def fusable(factory: Callable, params: list[torch.Tensor]) -> bool:
+    """Whether ``factory`` (a partial of the configured optimizer) builds torch's Adam, AdamW or SGD, whose fused
+    CUDA kernel this PyTorch has, for ``params`` that are all dense CUDA tensors, and fused is not already set."""
+    cls = getattr(factory, "func", factory)
+    if cls not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD) or "fused" in getattr(factory, "keywords", {}):
+        return False
+    if "fused" not in inspect.signature(cls).parameters:
+        return False
+    return bool(params) and all(p.is_cuda and not p.is_sparse for p in params)
+
+
 NONFINITE = ("stop", "skip")
 
 
@@ -71,7 +95,8 @@ class SSLMethod(L.LightningModule):
     def __init__(self, backbone: nn.Module, views: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  warmup_epochs: float = 10, min_lr_ratio: float = 0.0, lr_scaling: str = "linear",
                  reference_batch_size: int = 256, momentum: float = 0.996, momentum_end: float | None = None,
-                 weight_decay_end: float | None = None, channels_last: bool = False, nonfinite_loss: str = "stop"):
+                 weight_decay_end: float | None = None, channels_last: bool = False, nonfinite_loss: str = "stop",
+                 compile: bool = False):
         super().__init__()
         if lr_scaling not in {"linear", "sqrt", "none"}:
             raise UserError(f"method.lr_scaling={lr_scaling!r}; allowed: linear, sqrt, none")
@@ -131,6 +156,14 @@ class SSLMethod(L.LightningModule):
             self.first_view_features = out[: views[0].shape[0]].detach()  # N x D: the first view's rows
         out = head(out) if head is not None else out
         return list(out.chunk(len(views)))
+
+    def configure_model(self) -> None:
+        """``compile=True``: the online backbone's forward goes through ``torch.compile`` (inductor) from the first
+        step on; its parameters and state-dict keys stay the same (``nn.Module.compile`` compiles in place)."""
+        if self.hparams.compile and not getattr(self.backbone, "_compiled_call_impl", None):
+            if why := compile_unavailable(self.trainer.strategy.root_device):
+                raise UserError(f"method.compile=true: {why}; set method.compile=false")
+            self.backbone.compile()
 
     # ---- views on the device --------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -290,7 +323,10 @@ class SSLMethod(L.LightningModule):
                 group.update(wd_schedule=True, wd_start=wd)  # groups without their own weight decay follow it
             if "lr_ratio" in group:  # e.g. Barlow Twins' biases and norms at 0.024 x the weights' lr
                 group["lr"] = lr * group.pop("lr_ratio")
-        optimizer = self.optimizer_factory(groups, lr=lr)
+        fused = fusable(self.optimizer_factory, [p for g in groups for p in g["params"]])
+        if fused and self.trainer.gradient_clip_val and str(self.trainer.precision) == "16-mixed":
+            fused = False  # Lightning cannot clip gradients that a fused optimizer unscales itself
+        optimizer = self.optimizer_factory(groups, lr=lr, **({"fused": True} if fused else {}))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.warmup_steps(self.hparams.warmup_epochs, "warm-up")
         rank_zero_info(f"effective batch {batch}: lr = {base_lr} x {scale:.4g} ({self.hparams.lr_scaling} "
