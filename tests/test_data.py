@@ -184,3 +184,31 @@ def test_data_health_lists_skipped_files_once_per_epoch_with_workers(tmp_path, c
     warnings = [r.getMessage() for r in caplog.records if r.name == "src.callbacks.data_health"]
     assert len(warnings) == 1 and "skipped 3 image file(s)" in warnings[0]  # epoch 1 found nothing new
     assert health[0].results == {"skipped_images": 3}
+
+
+def test_imagefolder_takes_its_image_size_from_the_images_and_says_so(tmp_path, caplog):
+    """data=imagefolder with no size: the median shorter side of the first images (48 px here, one 40x64 photo among
+    them), logged once; views and the stored images follow it; a size given on the command line wins."""
+    from hydra.utils import instantiate
+
+    from src.utils.config import compose
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                w, h = (64, 40) if (split, c, i) == ("train", "a", 0) else (48, 48)
+                Image.fromarray(np.full((h, w, 3), 60 * i, np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    with caplog.at_level(logging.INFO):
+        cfg = compose(["data=imagefolder", f"data.root={tmp_path}", "backbone=vit_cpu", "data.batch_size=4"])
+        assert (cfg.data.image_size, cfg.data.crop_size, cfg.views.crops[0].size, cfg.views.eval_size) == (48,) * 4
+        assert cfg.backbone.img_size == 48 and cfg.backbone.patch_size == 4
+    lines = [r.getMessage() for r in caplog.records if "data.image_size=" in r.getMessage()]
+    assert lines == [f"data.image_size=48: the median shorter side of 6 images under {tmp_path}/train; "
+                     "set data.image_size=<pixels> to choose another size"]
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    assert dm.pretrain[0][0].shape == (3, 48, 48) and dm.eval_val[0][0].shape == (3, 48, 48)
+
+    cfg = compose(["data=imagefolder", f"data.root={tmp_path}", "data.image_size=32"])
+    assert (cfg.data.image_size, cfg.data.crop_size, cfg.views.crops[0].size) == (32, 32, 32)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import statistics
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,6 +19,9 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("scale_int", lambda a, f: max(1, round(a * f)))
     if not OmegaConf.has_resolver("vit_patch"):  # ViT patch size that follows the crop: 16 at 224 px, 8 at 96, 4 at 32
         OmegaConf.register_new_resolver("vit_patch", lambda crop: 16 if crop >= 160 else 8 if crop >= 64 else 4)
+    if not OmegaConf.has_resolver("size_of_images"):  # data=imagefolder's image_size: ${size_of_images:root,train_dir}
+        OmegaConf.register_new_resolver(
+            "size_of_images", lambda root, sub: size_of_images(os.path.join(str(root), str(sub or ""))) if root else None)
 
 
 _register_resolvers()
@@ -41,3 +47,40 @@ def compose(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bo
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def _first_images(folder: str, count: int, per_folder: int = 4) -> list[str]:
+    """Up to ``count`` image files under ``folder``, at most ``per_folder`` from each folder, in sorted order; only the
+    folders visited are listed (cheap on ImageNet)."""
+    from src.data.datasets import IMAGE_EXTENSIONS
+
+    found: list[str] = []
+    for where, folders, files in os.walk(folder, followlinks=True):
+        folders.sort()
+        found += [os.path.join(where, f) for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS][:per_folder]
+        if len(found) >= count:
+            break
+    return found[:count]
+
+
+@functools.cache
+def size_of_images(folder: str, count: int = 32) -> int | None:
+    """The median shorter side of the first ``count`` images under ``folder`` (their headers, read with PIL): the
+    image size of a folder dataset given none (conf/data/imagefolder.yaml). None where there is no readable image
+    (the data checks then say what is missing). The choice is logged once per folder."""
+    from lightning.pytorch.utilities import rank_zero_info
+    from PIL import Image
+
+    sides = []
+    for path in _first_images(folder, count):
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except Exception:  # noqa: BLE001 - a bad file is the dataset's to skip and count, not the size's
+            continue
+    if not sides:
+        return None
+    size = int(statistics.median_low(sides))
+    rank_zero_info(f"data.image_size={size}: the median shorter side of {len(sides)} images under {folder}; "
+                   "set data.image_size=<pixels> to choose another size")
+    return size
