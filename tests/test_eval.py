@@ -313,6 +313,137 @@ def test_callbacks_skip_unlabelled_data():
         assert sum(msg in r for r in records) == 1, (msg, records)
 
 
+# ---------------------------------------------------------------- online probe: which features it trains on
+class FakeEmbedMethod(FakeMethod):
+    """Its step runs the backbone on the first view in train mode and keeps the detached features, as
+    SSLMethod.embed does; ``forward`` calls (evaluation's passes) are counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_calls = 0
+
+    def forward(self, x):
+        self.forward_calls += 1
+        return super().forward(x)
+
+    def training_step(self, batch, batch_idx):
+        feats = self.backbone(batch["views"][0])
+        self.first_view_features = feats.detach()
+        return feats.sum() * 0.0
+
+
+def _fit_method(method, callbacks, max_epochs=2):
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(method, datamodule=FakeData())
+    return trainer
+
+
+def test_online_probe_train_view_reuses_the_steps_features():
+    """features=train_view: no second pass over the training batches (forward never runs while training), the
+    probe learns, and the method (its step updates BatchNorm statistics) ends exactly as without the probe."""
+    torch.manual_seed(0)
+    plain = FakeEmbedMethod()
+    _fit_method(plain, [])
+    torch.manual_seed(0)
+    probe, method = OnlineLinearProbe(features="train_view", lr=1e-2, val_every_n_epochs=10), FakeEmbedMethod()
+    trainer = _fit_method(method, [probe])  # no val evaluation during the fit: its loaders would draw global RNG
+    assert method.forward_calls == 0
+    after = method.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in plain.state_dict().items())
+    assert method.first_view_features is None  # consumed: never reused for another batch
+    assert probe.metrics["eval/online_train_top1"] > 100 / NUM_CLASSES + 15
+    assert probe.evaluate(trainer, method) > 100 / NUM_CLASSES + 15
+
+    eval_pass, method = OnlineLinearProbe(features="eval_pass", lr=1e-2, val_every_n_epochs=10), FakeEmbedMethod()
+    _fit_method(method, [eval_pass])
+    assert method.forward_calls == 2 * math.ceil(96 / 16)  # one more pass per training batch
+    assert not torch.equal(eval_pass.probe.weight, probe.probe.weight)
+
+
+def test_online_probe_falls_back_to_the_eval_pass_once():
+    """A method whose step keeps no first-view features: train_view trains exactly as eval_pass, saying so once."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    lg = logging.getLogger("lightning.pytorch")
+    lg.addHandler(handler)
+    old_level = lg.level
+    lg.setLevel(logging.INFO)
+    try:
+        fallback = OnlineLinearProbe(features="train_view")
+        torch.manual_seed(0)
+        _fit_method(FakeMethod(), [fallback])
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(old_level)
+    assert sum("computes no plain features" in r for r in records) == 1, records
+    eval_pass = OnlineLinearProbe(features="eval_pass")
+    torch.manual_seed(0)
+    _fit_method(FakeMethod(), [eval_pass])
+    assert torch.equal(fallback.probe.weight, eval_pass.probe.weight) and fallback.metrics == eval_pass.metrics
+    with pytest.raises(ValueError, match="features"):
+        OnlineLinearProbe(features="second_pass")
+
+
+def test_online_probe_train_view_ignores_unknown_labels_and_non_finite_rows():
+    """Rows labelled -1 or with non-finite features (a step skipped for a non-finite loss) get zero weight: the
+    probe moves exactly as on the other rows alone, and stays finite."""
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(8, 16, generator=g), torch.randint(0, NUM_CLASSES, (8,), generator=g)
+    noisy, noisy_labels = feats.clone(), labels.clone()
+    noisy[1, 3], noisy[5] = float("nan"), float("inf")
+    noisy_labels[2] = -1
+    rows = torch.tensor([0, 3, 4, 6, 7])
+    probes = []
+    for x, y in ((noisy, noisy_labels), (feats[rows], labels[rows])):
+        probe = OnlineLinearProbe(features="train_view", lr=0.1)
+        probe.probe = nn.Linear(16, NUM_CLASSES)
+        nn.init.zeros_(probe.probe.weight), nn.init.zeros_(probe.probe.bias)
+        probe.optimizer = torch.optim.AdamW(probe.probe.parameters(), lr=0.1, weight_decay=0.0)
+        probe.on_train_epoch_start(None, FakeMethod())
+        for _ in range(3):
+            probe._train_on_view(None, x, y)
+        probes.append(probe)
+    noisy_probe, clean_probe = probes
+    assert torch.isfinite(noisy_probe.probe.weight).all()
+    torch.testing.assert_close(noisy_probe.probe.weight, clean_probe.probe.weight)
+    assert int(noisy_probe._seen) == int(clean_probe._seen) == 15 and int(noisy_probe._correct) == int(clean_probe._correct)
+
+
+@pytest.mark.parametrize("features", ["train_view", "eval_pass"])
+def test_online_probe_train_view_adds_no_host_device_sync(features):
+    """On the default method (SimCLR, tiny), the train_view probe adds nothing that would sync a GPU to any
+    training batch (tests/syncs.py); the eval pass selects the labelled images (boolean indexing) every batch."""
+    from hydra.utils import instantiate
+
+    from tests.helpers import tiny_cfg
+    from tests.syncs import SyncCounter
+
+    events = []
+    for callbacks in ([], [OnlineLinearProbe(features=features, val_every_n_epochs=10)]):
+        cfg = tiny_cfg("simclr")
+        L.seed_everything(0)
+        method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=4, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=callbacks)
+        counter = SyncCounter()
+        counter.attach(method, trainer)
+        try:
+            trainer.fit(method, datamodule=instantiate(cfg.data))
+        finally:
+            counter.detach()
+        events.append(dict(counter.events))
+    plain, probed = events
+    if features == "train_view":
+        assert probed == plain
+    else:
+        assert all("aten.index.Tensor" in probed[k] for k in range(4))
+
+
 def test_final_evaluation_holds_out_training_images_for_choices(tmp_path):
     """val_* results use a seeded part of the labelled training split as queries (what sweeps optimise); the test
     split's numbers are the same as without it."""

@@ -264,3 +264,34 @@ def test_swav_queue_joins_sinkhorn_once_full(monkeypatch):
     assert [q is None for q in seen] == [True] * 4 + [False]  # 4 batches of 16 fill the queue of 64
     assert [tuple(q.shape) for q in seen[4]] == [(64, 16), (64, 16)]  # Q x prototypes, per global crop
     assert method.use_queue()
+
+
+# the methods whose step computes plain backbone features of a training view (the online probe's train_view input)
+PLAIN_VIEW_FEATURES = {"barlow_twins", "byol", "clip", "dino", "moco", "moco_v1", "moco_v2", "moco_v3", "nnclr",
+                       "simclr", "simsiam", "swav", "vicreg"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_step_keeps_the_first_views_detached_features(name):
+    """embed keeps the online backbone's features of views[0] (what OnlineLinearProbe(features=train_view) reads);
+    teachers' passes do not overwrite them; methods on rotated/tiled/Lab/masked inputs keep none."""
+    method, dm = build(tiny_cfg(name))
+    dm.setup("fit")
+    images = torch.stack([dm.pretrain[i][0] for i in range(16)])
+    torch.manual_seed(0)
+    batch = {"views": method.views(images), "image": images}
+    if getattr(method, "tokenizer", None) is not None and len(dm.pretrain[0]) > 2:
+        batch["text"] = method.tokenizer([dm.pretrain[i][2] for i in range(16)])
+    method.eval()  # BatchNorm on running statistics: the features of a view do not depend on what it is batched with
+    with torch.no_grad():
+        method.batch_loss(batch)
+        expected = method(batch["views"][0])
+    feats = method.first_view_features
+    if name not in PLAIN_VIEW_FEATURES:
+        assert feats is None
+        return
+    assert feats is not None and feats.shape == (16, method.feature_dim)
+    torch.testing.assert_close(feats, expected)
+    method.train()
+    method.batch_loss(batch)  # with gradients: the kept features are cut from the graph
+    assert method.first_view_features.shape == (16, method.feature_dim) and not method.first_view_features.requires_grad

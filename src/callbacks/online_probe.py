@@ -1,5 +1,12 @@
 """Online linear probe trained alongside the method on detached, frozen features.
 
+Two sources of features (``features``): ``train_view`` reuses the detached backbone features of the first
+training view that the method computed in its own step (:attr:`SSLMethod.first_view_features`, the common
+practice in solo-learn and lightly; no extra forward pass), ``eval_pass`` runs the backbone a second time in
+eval mode on ``eval_view(batch["image"])`` (un-augmented images, BatchNorm running statistics; costs a
+forward pass per batch). Methods whose step never computes plain features of a view (pretext tasks on
+rotated/tiled/Lab inputs, MAE and BEiT on masked tokens) fall back to ``eval_pass``, said once in the log.
+
 Logs ``eval/online_train_top1`` (accuracy of the probe on the training batches it was trained on during the
 epoch) every epoch and ``eval/online_val_top1`` (on ``datamodule.eval_val_dataloader()``) every
 ``val_every_n_epochs`` epochs; the latest values are kept in ``self.metrics`` under the same keys.
@@ -13,19 +20,30 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from src.callbacks.features import eval_mode, extract_features, labels_available
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+FEATURES = ("train_view", "eval_pass")
+
+
 class OnlineLinearProbe(L.Callback):
-    """``nn.Linear(D, num_classes)`` with its own AdamW, fitted on ``eval_view(batch["image"])`` features.
+    """``nn.Linear(D, num_classes)`` with its own AdamW, fitted on the first training view's detached features
+    (``features="train_view"``) or on an eval-mode pass over ``eval_view(batch["image"])`` (``"eval_pass"``).
 
     The probe is not a submodule of the method, so the method's optimizer and checkpoint weights never see it;
     its state (weights and optimizer) is saved through the callback ``state_dict``. Features are computed with
     the method in eval mode under ``no_grad`` (train flags restored, BatchNorm statistics untouched). The probe
     starts at zero and, under DDP, its gradients are averaged over ranks, so all ranks hold the same probe.
-    Batches whose labels are all -1 (unknown) contribute nothing; unlabelled datasets are skipped entirely.
+    Items labelled -1 (unknown) contribute nothing; unlabelled datasets are skipped entirely. With
+    ``train_view`` the step needs no host-device synchronisation (unknown labels and non-finite feature rows,
+    e.g. of a step skipped for a non-finite loss, get zero weight instead of being selected).
     """
 
     def __init__(
@@ -34,7 +52,12 @@ class OnlineLinearProbe(L.Callback):
         weight_decay: float = 0.0,
         val_every_n_epochs: int = 1,
         max_val_items: int | None = None,
+        features: str = "train_view",
     ):
+        if features not in FEATURES:
+            raise ValueError(f"eval.online_probe.features={features!r}; allowed: {', '.join(FEATURES)}")
+        self.features = features
+        self._fallback_said = False
         self.lr, self.weight_decay = lr, weight_decay
         self.val_every_n_epochs, self.max_val_items = val_every_n_epochs, max_val_items
         self.probe: nn.Linear | None = None
@@ -53,9 +76,11 @@ class OnlineLinearProbe(L.Callback):
         self.probe = nn.utils.skip_init(nn.Linear, *dims, device=pl_module.device)
         nn.init.zeros_(self.probe.weight)  # deterministic, identical on every rank, no global RNG use
         nn.init.zeros_(self.probe.bias)
-        self.optimizer = torch.optim.AdamW(
-            self.probe.parameters(), lr=self.lr, weight_decay=self.weight_decay
-        )
+        try:  # fused: the step count stays on the device, so a step reads nothing back from it (GPU fast path)
+            self.optimizer = torch.optim.AdamW(self.probe.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+                                               fused=True)
+        except (RuntimeError, ValueError):  # a device without the fused kernel
+            self.optimizer = torch.optim.AdamW(self.probe.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
@@ -63,15 +88,54 @@ class OnlineLinearProbe(L.Callback):
         self._correct = torch.zeros((), device=pl_module.device, dtype=torch.long)
         self._seen = torch.zeros((), device=pl_module.device, dtype=torch.long)
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.probe is not None and self.features == "train_view":
+            pl_module.first_view_features = None  # only this batch's step may set them
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.probe is None:
             return
+        feats = None
+        if self.features == "train_view":
+            feats = getattr(pl_module, "first_view_features", None)
+            pl_module.first_view_features = None
+            if feats is not None and (feats.shape[0] != batch["label"].shape[0]
+                                      or feats[:1].flatten(1).shape[1] != self.probe.in_features):
+                feats = None  # not the representation evaluation reads (e.g. a method with its own feature_dim)
+            if feats is None and not self._fallback_said:
+                rank_zero_info(f"online probe: {type(pl_module).__name__} computes no plain features of a training "
+                               "view in its step; the probe runs its own eval-mode pass instead (features=eval_pass)")
+                self._fallback_said = True
+        if self._seen is None:  # a mid-epoch resume skips on_train_epoch_start
+            self.on_train_epoch_start(trainer, pl_module)
+        if feats is not None:
+            self._train_on_view(pl_module, feats, batch["label"])
+        else:
+            self._train_on_eval_pass(trainer, pl_module, batch)
+
+    def _train_on_view(self, pl_module: L.LightningModule, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step on the step's own first-view features, without a host-device synchronisation."""
+        feats = feats.flatten(1).float()
+        keep = (labels >= 0) & torch.isfinite(feats).all(1)  # N
+        feats = torch.where(keep[:, None], feats, torch.zeros((), device=feats.device))
+        self.optimizer.zero_grad(set_to_none=False)
+        with torch.enable_grad():
+            logits = self.probe(feats)
+            losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+            (torch.where(keep, losses, 0.0).sum() / keep.sum().clamp(min=1)).backward()
+        self._correct += ((logits.detach().argmax(1) == labels) & keep).sum()
+        self._seen += keep.sum()
+        self._step()
+
+    def _train_on_eval_pass(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        """One step on features of a second, eval-mode pass over the labelled images of the batch."""
         labels = batch["label"]
         keep = labels >= 0
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not distributed and not bool(keep.any()):
+        if not _distributed() and not bool(keep.any()):
             return
         images, labels = batch["image"][keep], labels[keep]
         self.optimizer.zero_grad(set_to_none=False)
@@ -81,11 +145,12 @@ class OnlineLinearProbe(L.Callback):
             with torch.enable_grad():
                 logits = self.probe(feats.flatten(1).float())
                 F.cross_entropy(logits, labels).backward()
-            if self._seen is None:  # a mid-epoch resume skips on_train_epoch_start
-                self.on_train_epoch_start(trainer, pl_module)
             self._correct += (logits.detach().argmax(1) == labels).sum()
             self._seen += labels.numel()
-        if distributed:  # every rank reaches this point on every batch, so the collective cannot hang
+        self._step()
+
+    def _step(self) -> None:
+        if _distributed():  # every rank reaches this point on every batch, so the collective cannot hang
             world = dist.get_world_size()
             for p in self.probe.parameters():
                 if p.grad is None:

@@ -64,7 +64,7 @@ class CLIP(SSLMethod):
         if "text" not in batch:
             raise UserError("method=clip got a batch without captions; set data.captions (a caption file, "
                             "WebDataset shards, or class_prompts on a labelled dataset)")
-        image = self.image_proj(self(batch["views"][0]))  # N x D
+        image = self.embed(batch["views"][:1], head=self.image_proj)[0]  # N x D (the probe may reuse its features)
         text = self.text(batch["text"])  # N x D
         loss = clip_loss(image, text, self.logit_scale, gather=self.gather, local=self.local_loss)
         return loss, {"logit_scale": self.logit_scale.detach().exp()}

@@ -41,7 +41,7 @@ class MoCo(SSLMethod):
 
     def training_loss(self, views):
         x_q, x_k = views[:2]
-        q = self.projector(self.forward(x_q))  # N x C
+        q = self.embed([x_q], head=self.projector)[0]  # N x C (embed keeps the query view's features for the probe)
         with torch.no_grad():
             if self.shuffle_bn:
                 x_k, undo = du.batch_shuffle(x_k)
