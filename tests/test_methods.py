@@ -295,3 +295,27 @@ def test_step_keeps_the_first_views_detached_features(name):
     method.train()
     method.batch_loss(batch)  # with gradients: the kept features are cut from the graph
     assert method.first_view_features.shape == (16, method.feature_dim) and not method.first_view_features.requires_grad
+
+
+def test_convnet_pool_grid_keeps_the_layout_and_dense_methods_still_build():
+    """pool_grid=g: g x g region means of the last feature map, concatenated (out_dim = channels * g^2); g=1 is the
+    global average pool of before. Dense heads read the map's channels, not the pooled width."""
+    from src.backbones.convnet import ConvNet
+
+    torch.manual_seed(0)
+    plain, grid = ConvNet(1, 8, 2), ConvNet(1, 8, 2, pool_grid=2)
+    grid.load_state_dict(plain.state_dict())
+    assert (plain.out_dim, grid.out_dim, grid.channels) == (16, 64, 16)
+    x = torch.randn(3, 1, 16, 16)
+    fmap = plain.feature_map(x)  # 3 x 16 x 8 x 8
+    torch.testing.assert_close(plain(x), fmap.mean((2, 3)))
+    regions = fmap.unflatten(2, (2, 4)).unflatten(4, (2, 4)).mean((3, 5))  # 3 x 16 x 2 x 2
+    torch.testing.assert_close(grid(x), regions.flatten(1))
+    with pytest.raises(ValueError, match="pool_grid"):
+        ConvNet(1, 8, 2, pool_grid=0)
+    for name in ("simclr", "inpainting"):
+        method, _ = build(tiny_cfg(name, "backbone.pool_grid=2"))
+        assert method.feature_dim == 64 * (2 if name == "split_brain" else 1)
+        views = method.views(torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8))
+        out = method.training_loss(views)
+        assert torch.isfinite(out[0] if isinstance(out, tuple) else out)

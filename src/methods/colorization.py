@@ -24,7 +24,7 @@ from src.nn.color import (
     rgb_to_lab,
     soft_encode,
 )
-from src.nn.decoders import DenseClassifier, needs_feature_map
+from src.nn.decoders import DenseClassifier, feature_channels, needs_feature_map
 from src.utils.errors import UserError
 
 LOSSES = ("classification", "regression")
@@ -43,7 +43,7 @@ class Colorization(PretextTask):
         with_in_channels(self.backbone, 1)  # reads L
         self.register_buffer("centres", ab_gamut_bins(), persistent=False)  # Q x 2
         self.register_buffer("counts", torch.zeros(len(self.centres), dtype=torch.long))  # empirical prior
-        self.head = DenseClassifier(backbone.out_dim, hidden_dim, len(self.centres) if loss == LOSSES[0] else 2)
+        self.head = DenseClassifier(feature_channels(backbone), hidden_dim, len(self.centres) if loss == LOSSES[0] else 2)
 
     # ---- Lab ---------------------------------------------------------------------------------------
     def lab(self, x: torch.Tensor) -> torch.Tensor:

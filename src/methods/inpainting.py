@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from src.methods.pretext_base import PretextTask, crop_size
-from src.nn.decoders import ImageDecoder, feature_map_size, needs_feature_map
+from src.nn.decoders import ImageDecoder, feature_channels, feature_map_size, needs_feature_map
 from src.nn.masks import center_mask, overlap_weights, random_block_masks, shrink
 from src.utils.errors import UserError
 
@@ -28,7 +28,7 @@ class Inpainting(PretextTask):
             raise UserError(f"method.mask={mask!r}; allowed: {', '.join(MASKS)}")
         size, channels = views.groups[0]["size"], views.mean.numel()
         h = feature_map_size(backbone, channels, size)
-        self.decoder = ImageDecoder(backbone.out_dim, channels, h, size, decoder_min_width)
+        self.decoder = ImageDecoder(feature_channels(backbone), channels, h, size, decoder_min_width)
 
     def holes(self, x: torch.Tensor) -> torch.Tensor:
         """The target holes (B x 1 x S x S, True = missing) of a batch."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from src.backbones.channels import with_in_channels
 from src.methods.colorization import LOSSES, Colorization
 from src.nn.color import annealed_mean, area_resize, l_bins, l_encode, lab_to_rgb
-from src.nn.decoders import DenseClassifier
+from src.nn.decoders import DenseClassifier, feature_channels
 
 
 class SplitBrain(Colorization):
@@ -27,7 +27,7 @@ class SplitBrain(Colorization):
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         self.register_buffer("l_centres", l_bins(num_l_bins), persistent=False)  # num_l_bins x 1
-        self.l_head = DenseClassifier(backbone.out_dim, self.hparams.hidden_dim,
+        self.l_head = DenseClassifier(feature_channels(backbone), self.hparams.hidden_dim,
                                       num_l_bins if self.hparams.loss == LOSSES[0] else 1)
 
     @property

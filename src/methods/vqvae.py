@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.methods.pretext_base import PretextTask
-from src.nn.decoders import ImageDecoder, feature_map_size, needs_feature_map
+from src.nn.decoders import ImageDecoder, feature_channels, feature_map_size, needs_feature_map
 from src.nn.quantizer import VectorQuantizer
 from src.utils.errors import UserError
 
@@ -37,7 +37,7 @@ class VQVAE(PretextTask):
             raise UserError(f"VQVAE: the backbone maps {size} px crops to a {side}x{side} grid, not a whole number of "
                             "pixels per token; use a crop size that is a multiple of its stride")
         self.stride, self.channels = size // side, channels
-        self.proj = nn.Conv2d(backbone.out_dim, code_dim, 1)
+        self.proj = nn.Conv2d(feature_channels(backbone), code_dim, 1)
         self.quantizer = VectorQuantizer(num_codes, code_dim, ema_decay, restart_threshold=restart_threshold)
         self.decoder = ImageDecoder(code_dim, channels, side, size, decoder_min_width)
 

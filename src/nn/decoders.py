@@ -64,6 +64,12 @@ def needs_feature_map(backbone: nn.Module, who: str) -> None:
                          f"resnet50); {type(backbone).__name__} has none")
 
 
+def feature_channels(backbone: nn.Module) -> int:
+    """Channels of ``backbone.feature_map``: ``backbone.channels`` where the pooled features are wider than the map
+    (a convnet with ``pool_grid`` > 1 concatenates g x g regions), else ``out_dim``."""
+    return int(getattr(backbone, "channels", backbone.out_dim))
+
+
 @torch.no_grad()
 def feature_map_size(backbone: nn.Module, channels: int, size: int) -> int:
     """Side of ``backbone.feature_map`` for size x size inputs of ``channels`` channels (one probe in eval
