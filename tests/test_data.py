@@ -212,3 +212,12 @@ def test_imagefolder_takes_its_image_size_from_the_images_and_says_so(tmp_path, 
 
     cfg = compose(["data=imagefolder", f"data.root={tmp_path}", "data.image_size=32"])
     assert (cfg.data.image_size, cfg.data.crop_size, cfg.views.crops[0].size) == (32, 32, 32)
+
+
+def test_a_missing_size_is_one_line_naming_what_to_set(tmp_path):
+    from src.utils.preflight import problems_for
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    assert problems_for(["data=imagefolder", f"data.root={tmp_path}"])[0].startswith(f"data.root={tmp_path}: no images")
+    assert problems_for(["data.image_size=null"]) == [
+        "data.image_size is not set; fashion_mnist needs one: set data.image_size=<pixels>"]

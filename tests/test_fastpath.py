@@ -244,3 +244,12 @@ def test_fused_optimizers_only_for_torchs_adam_adamw_sgd_on_cuda_tensors():
     assert not fusable(partial(torch.optim.AdamW, lr=1.0, fused=False), cuda)  # the config's choice stands
     assert not fusable(partial(torch.optim.AdamW, lr=1.0), [torch.zeros(1)])  # CPU tensors
     assert not fusable(partial(torch.optim.AdamW, lr=1.0), [*cuda, torch.zeros(1)])
+
+
+def test_preflight_reports_the_on_device_refusals_as_one_line_each():
+    from src.utils.preflight import problems_for
+
+    assert problems_for(["data=stl10", "data.root=/tmp", "data.on_device=true"]) == [
+        "data.on_device=true cuts batches on the device with no loader workers, but data.num_workers=4; set "
+        "data.num_workers=0"]
+    assert problems_for(["data=digits", "data.on_device=true", "data.batch_size=64", "trainer.max_epochs=1"]) == []

@@ -27,7 +27,7 @@ CAPTIONS = "captions"  # pre-training on a caption file or shards only; data.roo
 
 
 class SSLDataModule(L.LightningDataModule):
-    def __init__(self, name: str, root: str | None = None, image_size: int = 32, crop_size: int | None = None,
+    def __init__(self, name: str, root: str | None = None, image_size: int | None = 32, crop_size: int | None = None,
                  channels: int = 3, num_classes: int | None = 10, mean: list[float] | None = None, std: list[float] | None = None,
                  batch_size: int = 256, eval_batch_size: int = 512, num_workers: int = 0,
                  download: bool = True, max_train_samples: int | None = None, train_dir: str = "train",
@@ -40,6 +40,8 @@ class SSLDataModule(L.LightningDataModule):
         if name not in IN_MEMORY | FOLDERS | transfer.TRANSFER | {CAPTIONS}:
             allowed = ", ".join(sorted(IN_MEMORY | FOLDERS | transfer.TRANSFER | {CAPTIONS}))
             raise UserError(f"data.name={name!r} is unknown; allowed: {allowed}")
+        if image_size is None and name not in FOLDERS:  # folders: taken from the images (conf/data/imagefolder.yaml)
+            raise UserError(f"data.image_size is not set; {name} needs one: set data.image_size=<pixels>")
         if on_device and (name not in IN_MEMORY or captions):
             what = "captions are read from files" if captions else f"data={name} is read from files, not held in memory"
             raise UserError(f"data.on_device=true keeps an in-memory dataset (digits, fashion_mnist, cifar10, cifar100, "

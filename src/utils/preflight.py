@@ -113,17 +113,15 @@ def launcher_problems(cfg: DictConfig, launcher: str | None) -> list[str]:
     return []
 
 
-def unsized_folder_problems(cfg: DictConfig) -> list[str]:
-    """A folder dataset takes its image size from its images (conf/data/imagefolder.yaml); with none to read, what is
-    wrong with the folder (data.root missing, empty...) comes first, before the size it could not give."""
+def unsized_problems(cfg: DictConfig) -> list[str]:
+    """``data.image_size`` null: a folder dataset takes it from its images (conf/data/imagefolder.yaml), so with none to
+    read what is wrong with the folder (data.root missing, empty...) comes first; other datasets refuse it."""
     from hydra.utils import instantiate
 
-    from src.data.datamodule import FOLDERS
-
-    if cfg.data.get("name") not in FOLDERS or cfg.data.get("image_size") is not None:
+    if cfg.data.get("image_size") is not None:
         return []
     OmegaConf.resolve(cfg.data)
-    instantiate(cfg.data).check_root()  # raises the folder's own problem
+    instantiate(cfg.data).check_root()  # raises the dataset's own problem
     return [f"data.image_size is not set and no image under {cfg.data.root}/{cfg.data.get('train_dir') or ''} could be "
             "read to take it from; set data.image_size=<pixels>"]
 
@@ -139,7 +137,7 @@ def problems_for(overrides: list[str], launcher: str | None = None) -> list[str]
     except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad overrides
         return [_composition_message(e, overrides)]
     try:
-        if unsized := unsized_folder_problems(cfg):
+        if unsized := unsized_problems(cfg):
             return unsized
         problems = (config_problems(cfg, local_devices=launcher != "slurm") + search_space_problems(overrides)
                     + launcher_problems(cfg, launcher))
@@ -151,6 +149,8 @@ def problems_for(overrides: list[str], launcher: str | None = None) -> list[str]
     except UserError as e:
         problems = str(e).splitlines()
     except Exception as e:  # noqa: BLE001
+        if isinstance(e.__cause__, UserError):  # a constructor's refusal, wrapped by Hydra's instantiate
+            return str(e.__cause__).splitlines()
         problems = [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
     return problems
 
