@@ -169,7 +169,7 @@ def build_method(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataMod
     return method, datamodule
 
 
-def framework_run(cfg: DictConfig, method, datamodule, warmup: int, run_dir: Path) -> dict:
+def framework_run(cfg: DictConfig, method, datamodule, warmup: int, run_dir: Path, device: torch.device) -> dict:
     """Fit ``warmup + steps`` steps with the framework's callbacks, logger and ``Trainer``; the throughput
     monitor's results of the timed steps."""
     callbacks = [WarmThroughput(warmup) if isinstance(c, ThroughputMonitor) else c
@@ -178,7 +178,7 @@ def framework_run(cfg: DictConfig, method, datamodule, warmup: int, run_dir: Pat
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "strategy": strategy_for(cfg, method)}
     trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
                         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
-    reset_peak_memory(torch.device(method.device))
+    reset_peak_memory(device)
     trainer.fit(method, datamodule=datamodule)
     finish_loggers(loggers, ok=True)
     return next(c for c in callbacks if isinstance(c, WarmThroughput)).results
@@ -357,7 +357,7 @@ def measure(method_name: str, s: Settings) -> Row:
     run_dir = Path(tempfile.mkdtemp(prefix="sslkit-bench-"))
     try:
         for _ in range(s.rounds):
-            runs["framework"].append(framework_run(cfg, method, datamodule, s.warmup, run_dir))
+            runs["framework"].append(framework_run(cfg, method, datamodule, s.warmup, run_dir, device))
             method.to(device).train()
             images = first_batch(datamodule, s.batch_size).to(device)
             runs["views"].append(views_seconds(method, images, s.steps))
