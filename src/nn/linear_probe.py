@@ -20,13 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _topk_percent(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
-    if y.numel() == 0:
-        return 0.0
-    k = min(k, logits.shape[1])
-    hit = (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1)
-    return float(hit.float().mean()) * 100.0
+from src.nn.metrics import accuracy
 
 
 def train_linear_probe(
@@ -78,4 +72,4 @@ def train_linear_probe(
             [probe(vx[i : i + batch_size]) for i in range(0, vx.shape[0], batch_size)]
             or [vx.new_zeros(0, num_classes)]
         )
-    return {"top1": _topk_percent(logits, vy, 1), "top5": _topk_percent(logits, vy, 5)}
+    return {"top1": accuracy(logits, vy, num_classes, 1), "top5": accuracy(logits, vy, num_classes, 5)}
