@@ -80,6 +80,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
                 kwargs["random_backbone"] = lambda: instantiate(cfg.method, backbone=instantiate(cfg.backbone),
                                                                 views=instantiate(cfg.views))
             kwargs["seed"] = cfg.seed
+        if cb_cfg.get("protocols"):  # the final evaluation's extra protocols, built from protocols.<name>
+            kwargs["protocol_settings"] = cfg.protocols
         callbacks.append(instantiate(cb_cfg, **kwargs))
     callbacks.append(DataHealth())  # after the evaluation: it also counts files skipped while evaluating
     callbacks.append(TrainingStarted())

@@ -9,22 +9,30 @@ split); with a ``random_backbone`` factory,
 ``random_knn_top1, random_linear_top1, random_linear_top5``; plus ``eval_train_split, eval_val_split``
 (names) and ``eval_train_items, eval_val_items`` (counts). Numeric results are logged as ``eval/<key>`` to
 every logger. Unlabelled data: ``self.results == {"eval_skipped": "data has no labels"}``.
+``protocols`` names more protocols of :mod:`src.protocols` to run afterwards (``eval.final.protocols=[knn, fewshot]``,
+settings from ``protocols.<name>``, built by :func:`src.train.build_callbacks`): their figures (and the random-init
+baseline's, ``random_*``) join ``self.results``, each writes ``<run>/checkpoints/last.<tag>.json`` and pictures go to
+``<run>/pictures/<what>_<epoch>.png`` and W&B.
 Every rank computes the same thing (eval loaders are not sharded); loggers only write on rank 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from src.callbacks.features import extract_features, extract_features_with, labels_available, own_rng
 from src.nn.knn import knn_top1
 from src.nn.linear_probe import train_linear_probe
+from src.protocols import Protocol
 
 
 def holdout_split(features: tuple[torch.Tensor, torch.Tensor], fraction: float, seed: int) -> tuple[tuple, tuple]:
@@ -51,6 +59,8 @@ class FinalEvaluation(L.Callback):
         max_val_items: int | None = None,
         holdout_fraction: float = 0.0,
         seed: int = 0,
+        protocols: list[str] = (),
+        protocol_settings: dict | None = None,
     ):
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"eval.final.holdout_fraction={holdout_fraction} must be in [0, 1)")
@@ -64,6 +74,8 @@ class FinalEvaluation(L.Callback):
         )
         self.max_train_items, self.max_val_items, self.seed = max_train_items, max_val_items, seed
         self.results: dict[str, Any] = {}
+        settings = protocol_settings or {}  # Hydra builds the protocols.<name> nodes passed through it already
+        self.protocols = [p if isinstance(p := settings[name], Protocol) else instantiate(p) for name in protocols]
 
     def _scores(
         self, train: tuple, val: tuple, num_classes: int, device: torch.device, prefix: str
@@ -126,7 +138,30 @@ class FinalEvaluation(L.Callback):
         )
         if held is not None:
             self.results["eval_holdout_items"] = int(held[0].shape[0])
+        if self.protocols:
+            self.results.update(self._run_protocols(trainer, pl_module))
         metrics = {f"eval/{k}": v for k, v in self.results.items() if isinstance(v, (int, float))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(f"final evaluation: {self.results}")
+
+    def _run_protocols(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The extra protocols on the trained method and on the random-init one; files on rank 0 only."""
+        from src.protocols import Subject, run_protocols
+
+        run_dir = Path(trainer.default_root_dir)
+        epoch = trainer.current_epoch  # training has ended: the epochs done
+        main = trainer.is_global_zero
+
+        def subject(model, name: str) -> Subject:
+            return Subject(model, pl_module.views, trainer.datamodule, pl_module.device, self.seed,
+                           out_dir=run_dir / "checkpoints" if main else None,
+                           pictures=(lambda what: run_dir / "pictures" / f"{what}_{epoch:04d}.png") if main else None,
+                           publish=lambda what, image, caption: [
+                               lg.log_image(key=what, images=[image], caption=[caption], step=trainer.global_step)
+                               for lg in trainer.loggers if isinstance(lg, WandbLogger)],
+                           forward_context=trainer.precision_plugin.forward_context, name=name)
+
+        random = (lambda: subject(self.random_backbone().to(pl_module.device), "random")) if self.random_backbone else None
+        out = (lambda tag: run_dir / "checkpoints" / f"last.{tag}.json") if main else None
+        return run_protocols(self.protocols, subject(pl_module, "trained"), random, out)

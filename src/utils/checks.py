@@ -196,6 +196,14 @@ def objective_problems(cfg: DictConfig, searching: bool = False) -> list[str]:
     return []
 
 
+def protocol_problems(cfg: DictConfig) -> list[str]:
+    """``eval.final.protocols`` must name protocols the config has settings for (``protocols.<name>``)."""
+    names = ((cfg.get("eval") or {}).get("final") or {}).get("protocols") or []
+    known = sorted((cfg.get("protocols") or {}).keys())
+    return [f"eval.final.protocols: {name!r} is not a protocol; allowed: {', '.join(known)}"
+            for name in names if name not in known]
+
+
 def _method_class(cfg: DictConfig):
     try:
         return get_class(cfg.method._target_)
@@ -239,7 +247,7 @@ def config_problems(cfg: DictConfig, local_devices: bool = True) -> list[str]:
     every = (cfg.get("checkpoint") or {}).get("every_n_epochs", 1)
     if every is not None and every < 1:
         problems.append(f"checkpoint.every_n_epochs={every} must be >= 1 (last.ckpt is written every N epochs)")
-    problems += objective_problems(cfg)
+    problems += objective_problems(cfg) + protocol_problems(cfg)
 
     if "backbone._target_" not in reported:  # the backbone's own rules (ViT patch sizes, timm names, weights files)
         try:

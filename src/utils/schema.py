@@ -394,7 +394,8 @@ def _primary() -> DictConfig:
 
 def top_level_keys() -> frozenset[str]:
     """The keys conf/train.yaml defines plus one per config group."""
-    return frozenset((set(_primary().keys()) | set(config_groups())) - {"defaults", "hydra", "experiment"})
+    placed = {"protocols"}  # the protocol group's options sit under protocols.<name> (see conf/train.yaml)
+    return frozenset((set(_primary().keys()) | set(config_groups()) | placed) - {"defaults", "hydra", "experiment"})
 
 
 def checkpoint_keys() -> dict[str, Any]:
