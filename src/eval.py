@@ -11,6 +11,12 @@ pairs); results go to stdout and to ``CKPT`` + ``.eval.json``.
 `python -m src.eval backbone=... [backbone.pretrained=FILE] [overrides]` (no checkpoint) measures a bare backbone the
 same way: random weights, or weights downloaded elsewhere (timm, torchvision, DINO, MAE, MoCo files; see
 src/backbones/pretrained.py); results go to stdout and, with a weights file, to ``FILE`` + ``.eval.json``.
+
+``protocol=<name>[,<name>...]`` runs evaluation protocols of :mod:`src.protocols` instead (knn, linear, finetune,
+fewshot, plot), each beside a random-init model of the same architecture; settings are ``protocols.<name>.*``, or
+the bare key when one protocol is named (``protocol=finetune label_fraction=0.01``). Each writes
+``<checkpoint stem>.<tag>.json`` (e.g. ``last.finetune_1pct.json``) beside the checkpoint or weights file, prints a
+table, and, when the checkpoint's run logged to W&B, adds its figures to that W&B run.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ from src.callbacks.features import extract_features_with
 from src.callbacks.image_text import has_text_tower, measure_image_text
 from src.nn.knn import knn_top1
 from src.nn.linear_probe import train_linear_probe
-from src.utils.config import compose
+from src.utils.config import CONF_DIR, compose
 from src.utils.errors import UserError
 from src.utils.preflight import fail, problems_for
-from src.utils.results import format_table
+from src.utils.results import format_comparison, format_table
 
-USAGE = ("usage: python -m src.eval path/to/last.ckpt [overrides such as data=...], or python -m src.eval "
-         "backbone=... [backbone.pretrained=/path/to/weights] [data=...] for a backbone without a checkpoint")
+USAGE = ("usage: python -m src.eval path/to/last.ckpt [protocol=knn|linear|finetune|fewshot|plot] [overrides such as "
+         "data=...], or python -m src.eval backbone=... [backbone.pretrained=/path/to/weights] [protocol=...] [data=...] "
+         "for a backbone without a checkpoint")
 
 
 def run_overrides(ckpt: Path) -> list[str]:
@@ -118,7 +125,7 @@ def epochs_trained(state: dict) -> int | None:
         return state.get("epoch")
 
 
-def evaluate(ckpt: Path, overrides: list[str]) -> dict:
+def evaluate(ckpt: Path, overrides: list[str], protocols: list[str] = ()) -> dict:
     if not ckpt.is_file():
         raise UserError(f"{ckpt} is not a file; pass the path of a checkpoint such as outputs/<run>/checkpoints/last.ckpt")
     groups = {o.split("=", 1)[0] for o in overrides if "=" in o and "." not in o.split("=", 1)[0]}
@@ -143,11 +150,14 @@ def evaluate(ckpt: Path, overrides: list[str]) -> dict:
     method.load_state_dict(found, strict=True)
     choices = cfg.hydra.runtime.choices
     names = {group: choices.get(group) for group in ("method", "backbone", "data")}
-    return {"checkpoint": str(ckpt), **names, "epochs": epochs_trained(state), "global_step": state.get("global_step"),
-            **measure(method, method.views, cfg)}
+    head = {"checkpoint": str(ckpt), **names, "epochs": epochs_trained(state), "global_step": state.get("global_step")}
+    if protocols:
+        random = lambda: instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))  # noqa: E731
+        return {**head, **measure_protocols(method, method.views, cfg, protocols, random, ckpt)}
+    return {**head, **measure(method, method.views, cfg)}
 
 
-def evaluate_backbone(overrides: list[str]) -> dict:
+def evaluate_backbone(overrides: list[str], protocols: list[str] = ()) -> dict:
     """The same evaluation of a bare backbone (no checkpoint): random weights, or weights downloaded elsewhere
     (``backbone=vit_small backbone.pretrained=dino_deitsmall16_pretrain.pth``)."""
     problems = problems_for(overrides)
@@ -157,19 +167,66 @@ def evaluate_backbone(overrides: list[str]) -> dict:
     choices = cfg.hydra.runtime.choices
     torch.manual_seed(cfg.seed)
     backbone = instantiate(cfg.backbone)
-    return {"weights": cfg.backbone.get("pretrained") or "random initialisation", "backbone": choices.get("backbone"),
-            "data": choices.get("data"), **measure(backbone, instantiate(cfg.views), cfg)}
+    weights = cfg.backbone.get("pretrained")
+    head = {"weights": weights or "random initialisation", "backbone": choices.get("backbone"), "data": choices.get("data")}
+    if protocols:
+        random = lambda: instantiate(OmegaConf.merge(cfg.backbone, {"pretrained": None}))  # noqa: E731
+        return {**head, **measure_protocols(backbone, instantiate(cfg.views), cfg, protocols, random,
+                                            Path(weights) if weights else None)}
+    return {**head, **measure(backbone, instantiate(cfg.views), cfg)}
 
 
-def measure(model, views, cfg) -> dict:
-    """kNN and linear probe of ``model``'s frozen features on ``cfg.data``'s evaluation splits (``eval.final``)."""
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
-    model.to(device).eval()
+def eval_device(cfg) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+
+
+def labelled_data(cfg):
+    """The data module of ``cfg.data``, set up, with labels (else one line)."""
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
     if not dm.has_labels:
         raise UserError(f"data={dm.name} has no labels here, so there is nothing to evaluate against")
+    return dm
+
+
+def measure_protocols(model, views, cfg, names: list[str], random_model, source: Path | None) -> dict:
+    """The protocols ``names`` on ``model`` and on ``random_model()``; results files beside ``source`` (a checkpoint or
+    weights file: ``<stem>.<tag>.json``, pictures ``<stem>.<what>.png``; None: stdout only)."""
+    from src.protocols import Subject, run_protocols
+    from src.utils.loggers import log_to_run_wandb
+
+    device = eval_device(cfg)
+    model.to(device).eval()
+    dm = labelled_data(cfg)
+    start = time.time()
+    folder, stem = (source.parent, source.name.split(".")[0]) if source is not None else (None, None)
+    drawn: list[tuple[str, Path]] = []
+
+    def picture(what: str) -> Path:
+        drawn.append((what, folder / f"{stem}.{what}.png"))
+        return drawn[-1][1]
+
+    def subject(m, name: str) -> Subject:
+        return Subject(m, views, dm, device, int(cfg.seed), out_dir=folder, pictures=picture if folder else None,
+                       name=name)
+
+    protocols = [instantiate(cfg.protocols[name]) for name in names]
+    out = (lambda tag: folder / f"{stem}.{tag}.json") if folder is not None else None
+    results = run_protocols(protocols, subject(model, "trained"), lambda: subject(random_model().to(device), "random"),
+                            out)
+    results = {"eval_train_split": dm.eval_split_names[0], "eval_val_split": dm.eval_split_names[1], **results,
+               "wall_time_s": round(time.time() - start, 1)}
+    if source is not None and source.suffix == ".ckpt":  # the run's own W&B run, when it had one
+        log_to_run_wandb(cfg, source.resolve().parent.parent, results, drawn)
+    return results
+
+
+def measure(model, views, cfg) -> dict:
+    """kNN and linear probe of ``model``'s frozen features on ``cfg.data``'s evaluation splits (``eval.final``)."""
+    device = eval_device(cfg)
+    model.to(device).eval()
+    dm = labelled_data(cfg)
     final = cfg.eval.get("final") or compose(["eval=default"]).eval.final
     start = time.time()
     train = extract_features_with(model, views, dm.eval_train_dataloader(), device, final.max_train_items)
@@ -187,19 +244,48 @@ def measure(model, views, cfg) -> dict:
     return {**out, "wall_time_s": round(time.time() - start, 1)}
 
 
+def protocol_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(protocol names, the other arguments)``: ``protocol=a,b`` is taken out; with one protocol, a bare key of its
+    settings (``label_fraction=0.01``) becomes ``protocols.<name>.<key>``. Unknown names are one line."""
+    from src.utils.config import group_options
+
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("protocol=")]
+    names = [n.strip() for value in chosen for n in value.split(",") if n.strip()]
+    known = group_options("protocol")
+    for name in names:
+        if name not in known:
+            raise UserError(f"protocol={name} is not a protocol; allowed: {', '.join(known)}")
+    rest = [a for a in argv if not a.startswith("protocol=")]
+    if len(names) == 1:
+        from src.utils.schema import top_level_keys
+
+        fields = set(OmegaConf.load(CONF_DIR / "protocol" / f"{names[0]}.yaml").keys()) - {"_target_"}
+        for a in rest:
+            key = a.split("=", 1)[0] if "=" in a else None
+            if key and "." not in key and key.isidentifier() and key not in fields | top_level_keys():
+                raise UserError(f"{key}: not a setting of protocol {names[0]}; allowed: {', '.join(sorted(fields))}")
+        rest = [f"protocols.{names[0]}.{a}" if "=" in a and a.split("=", 1)[0] in fields else a for a in rest]
+    return names, rest
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         fail([USAGE])
     bare = "=" in argv[0]  # no checkpoint: a backbone, random or from backbone.pretrained
     try:
-        results = evaluate_backbone(argv) if bare else evaluate(Path(argv[0]), argv[1:])
+        protocols, argv = protocol_arguments(argv)
+        results = (evaluate_backbone(argv, protocols) if bare
+                   else evaluate(Path(argv[0]), argv[1:], protocols))
     except UserError as e:
         fail(str(e).splitlines())
     except InstantiationException as e:  # a weights file that does not fit the backbone
         if not isinstance(e.__cause__, UserError):
             raise
         fail(str(e.__cause__).splitlines())
+    if protocols:
+        print(format_comparison(results), flush=True)
+        return
     source = results.get("checkpoint") or (results["weights"] if results["weights"] != "random initialisation" else None)
     out = None
     if source:

@@ -123,3 +123,58 @@ def wandb_run_id(run_dir: Path) -> str:
 def _reason(e: Exception) -> str:
     text = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def log_to_run_wandb(cfg: DictConfig, run_dir: Path, results: dict, pictures: list[tuple[str, Path]]) -> bool:
+    """Add evaluation figures (under ``eval/``, to the run summary) and pictures to the W&B run of a finished run folder
+    (its ``.wandb_id``), when the run logged to W&B. Returns whether it did; never raises."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    id_file = Path(run_dir) / ".wandb_id"
+    if wandb_cfg is None or not id_file.is_file():
+        return False
+    try:
+        import wandb
+
+        mode = wandb_mode(wandb_cfg.get("mode", "auto"))
+        if mode == "disabled":
+            return False
+        run = wandb.init(id=id_file.read_text().strip(), resume="allow", project=wandb_cfg.get("project"),
+                         entity=wandb_cfg.get("entity"), dir=str(run_dir), mode=mode, reinit="finish_previous",
+                         settings=wandb.Settings(init_timeout=float(wandb_cfg.get("init_timeout", 30)), silent=True))
+        numbers = {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        run.summary.update(numbers)
+        images = {f"eval/{what}": wandb.Image(str(path)) for what, path in pictures if Path(path).is_file()}
+        if images:
+            run.log(images)
+        run.finish()
+        return True
+    except Exception as e:  # noqa: BLE001 - W&B never takes an evaluation down
+        log.warning(f"W&B: evaluation not added to the run ({_reason(e)})")
+        return False
+
+
+def log_wandb_table(wandb_cfg, folder: Path, name: str, job_type: str, key: str, columns: list[str], rows: list[list],
+                    summary: dict | None = None, images: dict[str, Path] | None = None) -> bool:
+    """A summary run ``name`` in the W&B group of ``folder`` (``logger.wandb.group``, else the folder's name: a sweep's
+    group) holding ``rows`` as a ``wandb.Table`` under ``key``, plus ``summary`` values and ``images`` (files).
+    Nothing without a W&B logger config; returns whether it logged; never raises."""
+    if wandb_cfg is None:
+        return False
+    try:
+        import wandb
+
+        mode = wandb_mode(wandb_cfg.get("mode", "auto"))
+        if mode == "disabled":
+            return False
+        run = wandb.init(project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"),
+                         group=wandb_cfg.get("group") or Path(folder).name, name=name, job_type=job_type,
+                         dir=str(folder), mode=mode, reinit="finish_previous",
+                         settings=wandb.Settings(init_timeout=float(wandb_cfg.get("init_timeout", 30)), silent=True))
+        run.log({key: wandb.Table(columns=columns, data=rows),
+                 **{k: wandb.Image(str(v)) for k, v in (images or {}).items() if Path(v).is_file()}})
+        run.summary.update(summary or {})
+        run.finish()
+        return True
+    except Exception as e:  # noqa: BLE001 - W&B never takes a sweep or a report down
+        log.warning(f"W&B {key} table not logged ({_reason(e)})")
+        return False

@@ -36,3 +36,18 @@ def write_results(results: dict, run_dir: Path) -> Path:
     tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def format_comparison(results: dict) -> str:
+    """Protocol results as a table: one row per figure, the random-init model's (``random_<key>``) beside it."""
+    keys = [k for k in results if not k.startswith("random_") and k not in {"wall_time_s"}]
+    width = max(len(k) for k in keys) if keys else 6
+
+    def show(v) -> str:
+        return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = [f"{'result':<{width}}  {'value':>12}  {'random-init':>12}", f"{'-' * width}  {'-' * 12}  {'-' * 12}"]
+    for k in keys:
+        lines.append(f"{k:<{width}}  {show(results[k]):>12}  {show(results.get('random_' + k)):>12}")
+    lines.append(f"{'wall_time_s':<{width}}  {show(results.get('wall_time_s')):>12}")
+    return "\n".join(lines)
