@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-
-log = logging.getLogger(__name__)
 
 COLUMNS = ("val_knn_top1", "knn_top1", "linear_top1", "zeroshot_top1", "wall_time_s")
 
@@ -51,7 +48,7 @@ def shared_overrides(trials: list[dict]) -> list[str]:
     return [o for o in sets[0] if all(o in s for s in sets[1:])] if sets else []
 
 
-def _short(override: str) -> str:
+def short_override(override: str) -> str:
     """``key=0.46570785069955783`` -> ``key=0.4657``: sampled floats to 4 significant digits."""
     key, _, value = override.partition("=")
     try:
@@ -69,7 +66,7 @@ def trials_markdown(trials: list[dict], objective: str) -> str:
     head = ["job", "overrides", objective, *columns, "status"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for r in trials:
-        own = " ".join(_short(o) for o in r["overrides"].split(" ") if o not in shared) or "(none)"
+        own = " ".join(short_override(o) for o in r["overrides"].split(" ") if o not in shared) or "(none)"
         values = [r["job"], own, r["objective"], *[r[c] for c in columns], r["status"]]
         lines.append("| " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)
@@ -88,29 +85,13 @@ def write_trials(trials: list[dict], sweep_dir: Path, objective: str) -> tuple[P
 
 def log_trials_to_wandb(trials: list[dict], config: DictConfig, sweep_dir: Path) -> None:
     """A summary run in the sweep's W&B group holding the trials table. Never raises."""
-    from src.utils.loggers import wandb_mode
+    from src.utils.loggers import log_wandb_table
 
-    wandb_cfg = (config.get("logger") or {}).get("wandb")
-    if wandb_cfg is None:
-        return
-    try:
-        import wandb
-
-        mode = wandb_mode(wandb_cfg.get("mode", "auto"))
-        if mode == "disabled":
-            return
-        run = wandb.init(project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"),
-                         group=wandb_cfg.get("group") or sweep_dir.name, name="trials", job_type="sweep-summary",
-                         dir=str(sweep_dir), mode=mode, reinit="finish_previous",
-                         settings=wandb.Settings(init_timeout=float(wandb_cfg.get("init_timeout", 30)), silent=True))
-        columns = ["job", "overrides", "objective", *COLUMNS, "status"]
-        run.log({"trials": wandb.Table(columns=columns, data=[[t[c] for c in columns] for t in trials])})
-        best = next((t for t in trials if t["objective"] is not None), None)
-        if best is not None:
-            run.summary.update({"best_objective": best["objective"], "best_overrides": best["overrides"]})
-        run.finish()
-    except Exception as e:  # noqa: BLE001 - W&B never takes a sweep down
-        log.warning(f"W&B trials table not logged ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    columns = ["job", "overrides", "objective", *COLUMNS, "status"]
+    best = next((t for t in trials if t["objective"] is not None), None)
+    summary = {"best_objective": best["objective"], "best_overrides": best["overrides"]} if best else {}
+    log_wandb_table((config.get("logger") or {}).get("wandb"), sweep_dir, "trials", "sweep-summary", "trials",
+                    columns, [[t[c] for c in columns] for t in trials], summary)
 
 
 class TrialsReport(Callback):
