@@ -20,10 +20,11 @@ from tests.syncs import SyncCounter
 BATCHES, LOG_EVERY = 6, 4  # per epoch; two epochs
 
 
-def _fit(tmp_path, *callbacks, log_every=LOG_EVERY, epochs=2, during=None, on_device=False, **trainer_kwargs):
-    """The default method (SimCLR, its views and LARS) on tiny data, with the run's resume callbacks; returns the
-    sync counter and the checkpoint path."""
-    cfg = tiny_cfg("simclr", f"data.on_device={on_device}")
+def _fit(tmp_path, *callbacks, log_every=LOG_EVERY, epochs=2, during=None, on_device=False, method="simclr",
+         **trainer_kwargs):
+    """The default method (SimCLR, its views and LARS; or ``method``) on tiny data, with the run's resume callbacks;
+    returns the sync counter and the checkpoint path."""
+    cfg = tiny_cfg(method, f"data.on_device={on_device}")
     L.seed_everything(0)
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
     last = tmp_path / "last.ckpt"
@@ -45,12 +46,13 @@ def check_batches(epochs=2):
     return {k for k in range(epochs * BATCHES) if (k + 1) % LOG_EVERY == 0 or (k + 1) % BATCHES == 0}
 
 
-def test_a_training_step_reads_nothing_back_from_the_device_between_checks(tmp_path):
+@pytest.mark.parametrize("method", ["simclr", "moco_v2", "nnclr"])  # and the queues: their write position is on the host
+def test_a_training_step_reads_nothing_back_from_the_device_between_checks(tmp_path, method):
     """After the first batch (where Lightning makes its metric holders and the optimizer its state), a batch reads
     nothing back from the device except at a check: one read of the non-finite flag, and on a logging step the
     learning rate copied to the device to be logged. Lightning's own read of the progress-bar values after the batch
     is outside this window: the loss is a progress-bar value on the CPU only (src/methods/base.py)."""
-    counter, _ = _fit(tmp_path)
+    counter, _ = _fit(tmp_path, method=method)
     assert counter.batch == 2 * BATCHES - 1
     synced = {k: v for k, v in counter.events.items() if v and k > 0}
     assert set(synced) <= check_batches(), synced  # none between the checks

@@ -172,6 +172,24 @@ def test_queue_holds_the_latest_keys_in_order():
     torch.testing.assert_close(q.features[:48].norm(dim=1), torch.ones(48))  # normalised keys were written
 
 
+def test_queue_follows_its_position_on_the_host_and_rereads_it_after_loading():
+    from src.nn.queue import FeatureQueue
+
+    q, other = FeatureQueue(8, 2), FeatureQueue(8, 2)
+    q.push(torch.ones(4, 2), gather=False)
+    other.push(torch.full((4, 2), 2.0), gather=False)
+    other.push(torch.full((4, 2), 3.0), gather=False)
+    assert q.written().shape[0] == 4 and not q.is_full()
+    q.load_state_dict(other.state_dict())  # ptr 0, filled 8: the host copy must follow
+    assert q.is_full()
+    q.push(torch.full((4, 2), 5.0), gather=False)
+    assert q.features[:, 0].tolist() == [5.0] * 4 + [3.0] * 4 and int(q.ptr) == 4
+    q.ptr.fill_(0)  # written from outside (a skipped step restores the buffers)
+    q.buffers_restored()
+    q.push(torch.full((4, 2), 7.0), gather=False)
+    assert q.features[:4, 0].tolist() == [7.0] * 4
+
+
 def test_dino_freezes_the_last_layer_in_epoch_zero_and_moves_its_center():
     cfg = tiny_cfg("dino")
     L.seed_everything(0)

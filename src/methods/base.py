@@ -207,6 +207,9 @@ class SSLMethod(L.LightningModule):
             with torch.no_grad():
                 for buffer, value in zip(self.buffers(), saved, strict=True):
                     buffer.copy_(value)
+            for module in self.modules():  # e.g. a feature queue's host copy of its write position
+                if hasattr(module, "buffers_restored"):
+                    module.buffers_restored()
             self.skipped_steps += 1
             rank_zero_warn(f"{self._nonfinite_words(loss, logs)}: step skipped ({self.skipped_steps} so far)")
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=bs)
@@ -271,7 +274,8 @@ class SSLMethod(L.LightningModule):
         m = self.ema_momentum(step)
         for online, target in pairs:
             update_momentum(online, target, m)
-        self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
+        if self._log_step():  # a Python number: copied to the device only when the loggers write it
+            self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 
     def ema_momentum(self, step: int) -> float:
         """Constant ``momentum``, or cosine from ``momentum`` to ``momentum_end`` over training (BYOL)."""

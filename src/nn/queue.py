@@ -12,7 +12,11 @@ from src.utils import distributed as du
 
 class FeatureQueue(nn.Module):
     """``size`` x ``dim`` features, initialised to random unit vectors; ``push`` writes the rows of every
-    process (rank order) over the oldest ones. ``filled`` counts rows written so far (capped at size)."""
+    process (rank order) over the oldest ones. ``filled`` counts rows written so far (capped at size).
+
+    ``ptr`` and ``filled`` are buffers (they checkpoint), mirrored on the host: they are read from the device once
+    (after construction or loading a checkpoint) and then followed on the host, so a training step never waits for
+    the device to learn where to write."""
 
     def __init__(self, size: int, dim: int):
         super().__init__()
@@ -21,6 +25,20 @@ class FeatureQueue(nn.Module):
         self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))  # K x D
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._host: tuple[int, int] | None = None  # (ptr, filled), None: read the buffers at the next use
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.buffers_restored()
+
+    def buffers_restored(self) -> None:
+        """The buffers were written from outside (a checkpoint, a skipped step): read them again at the next use."""
+        self._host = None
+
+    def _position(self) -> tuple[int, int]:
+        if self._host is None:
+            self._host = (int(self.ptr), int(self.filled))
+        return self._host
 
     @property
     def size(self) -> int:
@@ -28,10 +46,10 @@ class FeatureQueue(nn.Module):
 
     def written(self) -> torch.Tensor:
         """The rows written so far (all rows once the queue has wrapped)."""
-        return self.features[: int(self.filled)]
+        return self.features[: self._position()[1]]
 
     def is_full(self) -> bool:
-        return int(self.filled) == self.size
+        return self._position()[1] == self.size
 
     @torch.no_grad()
     def push(self, x: torch.Tensor, gather: bool = True) -> None:
@@ -39,10 +57,11 @@ class FeatureQueue(nn.Module):
         x = du.gather(x) if gather else x  # (world * N) x D
         n = x.shape[0]
         assert self.size % n == 0, f"queue size {self.size} must be a multiple of the global batch {n}"  # for simplicity
-        ptr = int(self.ptr)
+        ptr, filled = self._position()
         self.features[ptr : ptr + n] = x.to(self.features.dtype)
-        self.ptr.fill_((ptr + n) % self.size)
-        self.filled.fill_(min(int(self.filled) + n, self.size))
+        self._host = ((ptr + n) % self.size, min(filled + n, self.size))
+        self.ptr.fill_(self._host[0])
+        self.filled.fill_(self._host[1])
 
 
 def queue_size_problems(method_cfg, global_batch: int, default: int, allow_zero: bool = False) -> list[str]:
