@@ -108,26 +108,37 @@ def strategy_for(cfg: DictConfig, method: L.LightningModule):
                         use_orig_params=True)
 
 
-def train(cfg: DictConfig, run_dir: Path, names: dict[str, str], sweep: tuple[str, str] | None = None) -> dict:
-    """One run; ``sweep`` = (the sweep's W&B group, this job's name) when it is a job of a multirun."""
-    check_config(cfg)
-    start = time.time()
+def build_parts(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
+    """The run's datamodule and method (backbone and views injected), after seeding every RNG with the run seed."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views),
                          nonfinite_loss=cfg.nonfinite_loss)
-    method.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("backbone", "views", "method", "data")}
-    callbacks = build_callbacks(cfg, run_dir)
-    group, job = sweep or (None, None)
-    loggers = build_loggers(cfg.logger, run_dir, job or "_".join(str(v) for v in names.values()), group)
-    # checkpoints are written atomically; the data order comes from (seed, epoch) and each rank takes its own
-    # slice of it (src/data/sampler.py), so Lightning's sampler replacement is off
+    return datamodule, method
+
+
+def build_trainer(cfg: DictConfig, method: L.LightningModule, callbacks: list[L.Callback], loggers: list,
+                  run_dir: Path) -> L.Trainer:
+    """The run's Trainer: checkpoints written atomically; the data order comes from (seed, epoch) and each rank takes
+    its own slice of it (src/data/sampler.py), so Lightning's sampler replacement is off."""
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit requeues (src/callbacks/resume.py), not Lightning as well
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "strategy": strategy_for(cfg, method)}
-    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
-                        plugins=plugins, use_distributed_sampler=False)
+    return L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
+                     plugins=plugins, use_distributed_sampler=False)
+
+
+def train(cfg: DictConfig, run_dir: Path, names: dict[str, str], sweep: tuple[str, str] | None = None) -> dict:
+    """One run; ``sweep`` = (the sweep's W&B group, this job's name) when it is a job of a multirun."""
+    check_config(cfg)
+    start = time.time()
+    datamodule, method = build_parts(cfg)
+    method.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("backbone", "views", "method", "data")}
+    callbacks = build_callbacks(cfg, run_dir)
+    group, job = sweep or (None, None)
+    loggers = build_loggers(cfg.logger, run_dir, job or "_".join(str(v) for v in names.values()), group)
+    trainer = build_trainer(cfg, method, callbacks, loggers, run_dir)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:

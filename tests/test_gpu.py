@@ -56,8 +56,9 @@ def test_fsdp_trains_a_vit_and_writes_a_full_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("on_device", [False, True])
 def test_training_steps_between_checks_never_wait_for_the_gpu(tmp_path, on_device):
-    """CUDA's sync debug mode is "error" in every batch (views, step, callbacks' batch hooks) after the first, except
-    where the non-finite guard reads its flag (tests/test_fastpath.py): any host-device sync there raises."""
+    """CUDA's sync debug mode is "error" in every batch (views, step, callbacks' batch hooks, the throughput monitor)
+    after the first, except where the non-finite guard reads its flag (tests/test_fastpath.py): any host-device sync
+    there raises."""
     import contextlib
 
     from tests.test_fastpath import _fit, check_batches
@@ -70,8 +71,11 @@ def test_training_steps_between_checks_never_wait_for_the_gpu(tmp_path, on_devic
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    counter, last = _fit(tmp_path, during=strict, accelerator="gpu", on_device=on_device)
-    assert counter.batch == 11 and last.is_file()
+    from src.callbacks.throughput import ThroughputMonitor
+
+    throughput = ThroughputMonitor()  # times windows of steps, synchronising only where the guard reads its flag
+    counter, last = _fit(tmp_path, throughput, during=strict, accelerator="gpu", on_device=on_device)
+    assert counter.batch == 11 and last.is_file() and throughput.results["train_images_per_s"] > 0
 
 
 def test_compile_and_fused_adamw_train_on_the_gpu():

@@ -31,25 +31,21 @@ import contextlib
 import datetime as dt
 import os
 import platform
-import resource
 import shlex
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from src.callbacks.throughput import ThroughputMonitor
+from src.callbacks.throughput import ThroughputMonitor, peak_memory, synced_clock
 from src.nn.ema import update_momentum
-from src.train import build_callbacks, strategy_for
-from src.utils.checkpointing import AtomicCheckpointIO
+from src.train import build_callbacks, build_parts, build_trainer
 from src.utils.checks import check_config
 from src.utils.config import compose
 from src.utils.loggers import build_loggers, finish_loggers
@@ -103,9 +99,7 @@ class Row:
 # ---- clocks and memory ------------------------------------------------------------------------------
 def now(device: torch.device) -> float:
     """A clock reading after the device's queued work is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+    return synced_clock(device)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -119,10 +113,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory_mib(device: torch.device) -> float:
     """The peak since :func:`reset_peak_memory`, in MiB (CPU: peak RSS, as the throughput monitor reads it)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+    return peak_memory(device)[0]
 
 
 def autocast(cfg: DictConfig, device: torch.device):
@@ -162,10 +153,7 @@ def bench_config(method: str, s: Settings) -> DictConfig:
 def build_method(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
     """The datamodule and method, instantiated as :func:`src.train.train` does."""
     check_config(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views),
-                         nonfinite_loss=cfg.nonfinite_loss)
+    datamodule, method = build_parts(cfg)
     return method, datamodule
 
 
@@ -175,9 +163,7 @@ def framework_run(cfg: DictConfig, method, datamodule, warmup: int, run_dir: Pat
     callbacks = [WarmThroughput(warmup) if isinstance(c, ThroughputMonitor) else c
                  for c in build_callbacks(cfg, run_dir)]
     loggers = build_loggers(cfg.logger, run_dir, "bench")
-    trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "strategy": strategy_for(cfg, method)}
-    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
-                        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
+    trainer = build_trainer(cfg, method, callbacks, loggers, run_dir)
     reset_peak_memory(device)
     trainer.fit(method, datamodule=datamodule)
     finish_loggers(loggers, ok=True)
@@ -190,20 +176,12 @@ def first_batch(datamodule, batch_size: int) -> torch.Tensor:
     return torch.stack([datamodule.pretrain[i][0] for i in range(batch_size)])
 
 
-def make_views(method, images: torch.Tensor) -> list[torch.Tensor]:
-    """The method's views of ``images``, laid out in memory as the framework hands them to ``training_loss``."""
-    views = method.views(images)
-    if method.hparams.channels_last:
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    return views
-
-
 def views_seconds(method, images: torch.Tensor, repeats: int) -> float:
     """Mean time of one ``views(images)`` call (after one untimed call)."""
-    make_views(method, images)
+    method.make_views(images)
     start = now(images.device)
     for _ in range(repeats):
-        make_views(method, images)
+        method.make_views(images)
     return (now(images.device) - start) / repeats
 
 
@@ -233,7 +211,7 @@ def bare_run(method, images: torch.Tensor, s: Settings, precision) -> tuple[floa
     """Images/s of :func:`bare_step` on views made once before timing, and the peak memory (MiB)."""
     device = images.device
     torch.manual_seed(0)
-    views = make_views(method, images)
+    views = method.make_views(images)
     optimizer, schedule = optimizer_of(method)
     reset_peak_memory(device)
     for step in range(s.warmup):

@@ -1,18 +1,26 @@
 """Training throughput, data-loading wait and peak memory.
 
 Place this callback FIRST in the callback list: callbacks' ``on_train_batch_end`` hooks run in list order, so
-the step time measured here (``on_train_batch_start`` -> this ``on_train_batch_end``) excludes the work of
-later callbacks such as the online probe. To keep that work out of the data wait as well, ``setup`` appends a
-marker callback at the END of ``trainer.callbacks``; the wait is the time from the marker's
-``on_train_batch_end`` to the next ``on_train_batch_start`` within an epoch (it still includes the method's own
-``on_train_batch_end``, e.g. an EMA update, and Lightning's logging).
+the step time measured here excludes the work of later callbacks such as the online probe. To keep that work out of
+the data wait as well, ``setup`` appends a marker callback at the END of ``trainer.callbacks``.
 
-Logs ``perf/images_per_s`` every step (``prog_bar=True``: images in the global batch,
-``batch["image"].shape[0] * world_size``, over that step's time). ``self.results`` holds
+A step starts when its batch arrives on the device (``SSLMethod.on_after_batch_transfer`` notes the time before it
+makes the views, so making views counts as training, not as waiting) and ends at this callback's
+``on_train_batch_end``; the data wait is the time from the marker's ``on_train_batch_end`` to the next batch's
+arrival within an epoch (it still includes the method's own ``on_train_batch_end``, e.g. an EMA update, and
+Lightning's logging).
+
+No clock reading waits for the GPU at every step: on CUDA the steps are timed in windows that close on the logging
+steps (every ``trainer.log_every_n_steps``, where the non-finite guard also reads its flag) and at the epoch's last
+batch, with one ``torch.cuda.synchronize`` then; a window's step time is its wall time less its data waits. On the
+CPU every step is its own window.
+
+Logs ``perf/images_per_s`` when a window closes (in the progress bar on the CPU: images in the global batch,
+``batch["image"].shape[0] * world_size``, over the window's step time). ``self.results`` holds
 ``train_images_per_s`` (all images / summed step time), ``data_wait_fraction`` (wait / (wait + step time)),
 ``peak_memory_mib`` and ``peak_memory_kind`` (``"cuda_allocated"``: ``torch.cuda.max_memory_allocated``;
 ``"cpu_peak_rss"``: process peak RSS) and ``train_time_s`` (wall time from ``on_train_start`` to
-``on_train_end``). CUDA is synchronised before each clock reading.
+``on_train_end``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,21 @@ import lightning as L
 import torch
 
 
+def synced_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (CUDA is synchronised)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """``(MiB, kind)``: CUDA's peak allocated memory on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_peak_rss"
+
+
 class _AfterCallbacks(L.Callback):
     """Runs after every other callback's ``on_train_batch_end``: marks the start of the data wait."""
 
@@ -33,7 +56,7 @@ class _AfterCallbacks(L.Callback):
         self.monitor = monitor
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self.monitor._t_last_end = self.monitor._now(pl_module)
+        self.monitor._t_last_end = time.perf_counter()  # host time: no wait for the device
 
 
 class ThroughputMonitor(L.Callback):
@@ -41,13 +64,8 @@ class ThroughputMonitor(L.Callback):
         self.results: dict[str, Any] = {}
         self._images = 0
         self._step_s = self._wait_s = 0.0
-        self._t_fit = self._t_start = self._t_last_end = None
-
-    @staticmethod
-    def _now(pl_module: L.LightningModule) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        return time.perf_counter()
+        self._t_fit = self._t_last_end = None
+        self._window: dict[str, float] | None = None  # the open timing window: start, images, wait, steps
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not any(isinstance(c, _AfterCallbacks) and c.monitor is self for c in trainer.callbacks):
@@ -58,30 +76,41 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t_last_end = None  # the gap across an epoch boundary is not data wait
+        self._window = None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._t_start = self._now(pl_module)
-        if self._t_last_end is not None:
-            self._wait_s += self._t_start - self._t_last_end
+        now = time.perf_counter()
+        arrived = getattr(pl_module, "batch_arrived", None)
+        start = arrived if arrived is not None and arrived <= now else now
+        wait = start - self._t_last_end if self._t_last_end is not None else 0.0
+        self._wait_s += wait
+        if self._window is None:  # the device is idle here: the previous window ended with a synchronisation
+            self._window = {"start": start, "images": 0, "wait": 0.0, "steps": 0}
+        else:
+            self._window["wait"] += wait
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        end = self._now(pl_module)
-        images = batch["image"].shape[0] * trainer.world_size
-        step = max(end - self._t_start, 1e-9)
-        self._images += images
+        window = self._window
+        window["images"] += batch["image"].shape[0] * trainer.world_size
+        window["steps"] += 1
+        closes = (pl_module.device.type != "cuda" or trainer._logger_connector.should_update_logs  # a logging step
+                  or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        if not closes:
+            return
+        step = max(synced_clock(pl_module.device) - window["start"] - window["wait"], 1e-9)
+        self._images += window["images"]
         self._step_s += step
-        pl_module.log("perf/images_per_s", images / step, on_step=True, on_epoch=False, prog_bar=True)
+        self._window = None
+        # progress-bar values are read back from the device after every batch: shown on the CPU only (as the loss)
+        pl_module.log("perf/images_per_s", window["images"] / step, on_step=True, on_epoch=False,
+                      prog_bar=pl_module.device.type == "cpu")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            peak, kind = torch.cuda.max_memory_allocated(pl_module.device) / 2**20, "cuda_allocated"
-        else:
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-            peak, kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_peak_rss"
+        peak, kind = peak_memory(pl_module.device)
         busy = self._step_s + self._wait_s
         self.results = {
             "train_images_per_s": round(self._images / self._step_s, 2) if self._step_s > 0 else 0.0,

@@ -17,6 +17,7 @@ import inspect
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 
 import lightning as L
@@ -109,6 +110,7 @@ class SSLMethod(L.LightningModule):
         self.skipped_steps = 0  # steps dropped for a non-finite loss (nonfinite_loss=skip); checkpointed
         self.run_config: dict | None = None  # the run's resolved backbone/views/method/data config (src/train.py)
         self._skipping = False
+        self.batch_arrived: float | None = None  # host clock when the last training batch reached the device
         self._nonfinite = NonFiniteWatch()  # nonfinite_loss=stop: bad losses noted on the device (src/nn/nonfinite.py)
 
     # ---- what a method writes -------------------------------------------------------------------
@@ -169,15 +171,20 @@ class SSLMethod(L.LightningModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is None or not self.trainer.training:
             return batch
+        self.batch_arrived = time.perf_counter()  # the step starts here: making views is training (throughput.py)
         torch.manual_seed(self.batch_seed())
         images, labels = batch[0], batch[1]
-        views = self.views(images)
-        if self.hparams.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        out = {"views": views, "image": images, "label": labels}
+        out = {"views": self.make_views(images), "image": images, "label": labels}
         if len(batch) > 2:  # image–text data: the captions' tokens (B, L)
             out["text"] = batch[2]
         return out
+
+    def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The training views of a uint8 batch on the device, laid out as the backbone wants them."""
+        views = self.views(images)
+        if self.hparams.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views
 
     def batch_seed(self) -> int:
         """The seed of this training batch's randomness (views, MoCo's shuffle, pretext labels): a function of
