@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch + torchvision first: this pair installs from local files on the project's machines
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install --quiet torch torchvision
-	$(PY) -m pip install --quiet -e ".[dev,clip,sweep,slurm]"
+	$(PY) -m pip install --quiet -e ".[dev,clip,sweep,slurm,bench]"
 	-$(MAKE) --no-print-directory data
 	touch $(STAMP)
 
@@ -34,9 +34,8 @@ quality: $(STAMP)
 	$(PY) -m src.bench.quality $(ARGS)
 
 # Speed: the framework's training step beside a bare PyTorch loop and lightly's pipeline -> docs/benchmarks.md
-# (lightly comes with the bench extra; ARGS="--methods simclr,byol --steps 50" for more).
+# (lightly comes with the bench extra, which make installs; ARGS="--methods simclr,byol --steps 50" for more).
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[bench]" || echo "could not install the bench extra; the lightly column will say so"
 	$(PY) -m src.bench.speed --out docs/benchmarks.md $(ARGS)
 
 test: $(STAMP)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 RUN = ["method=moco_v2", "method.queue_size=512", "data=digits", "backbone.width=8", "data.batch_size=128",
        "trainer.max_epochs=3", "method.warmup_epochs=1", "eval=final_only", "+eval.online_probe._target_="
        "src.callbacks.online_probe.OnlineLinearProbe", "eval.final.linear_epochs=10",
-       "eval.final.random_baseline=false", "+eval.signal._target_=tests.signals.SignalAtStep"]
+       "eval.final.random_baseline=false", "eval.final.protocols=[knn]", "+eval.signal._target_=tests.signals.SignalAtStep"]
 STEPS_PER_EPOCH = 1437 // 128  # digits: 1,437 training images
 TIMING = {"wall_time_s", "train_time_s", "train_images_per_s", "data_wait_fraction", "peak_memory_mib", "peak_memory_kind",
           "run_dir"}  # measured while training: a run resumed after its last step trains no more
@@ -97,7 +97,8 @@ def test_a_run_killed_during_its_final_evaluation_finishes_it_on_resume(referenc
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "running the final evaluation now" in resumed.stdout + resumed.stderr
     results = _same_run(reference, run_dir)
-    assert {"knn_top1", "linear_top1"} <= results.keys()
+    assert {"knn_top1", "linear_top1", "knn_top1_k10"} <= results.keys()  # the protocols the final evaluation runs too
+    assert json.loads((run_dir / "checkpoints" / "last.knn.json").read_text())["knn_top1_k10"] == results["knn_top1_k10"]
     elsewhere = _run(tmp_path / "copy", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
     assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
     again = json.loads((tmp_path / "copy" / "results.json").read_text())
