@@ -193,3 +193,33 @@ def test_simsiam_without_stop_gradient_collapses_and_is_reported():
     assert results["collapsed"] is True and len(said) == 1 and "representation collapse" in said[0]
     results, said = health_after_training(stop_gradient=True)  # the same run with the stop-gradient: healthy
     assert results["collapsed"] is False and not said
+
+
+def test_eval_figures_join_the_wandb_run_of_the_checkpoints_run(tmp_path, monkeypatch):
+    import wandb
+    from PIL import Image
+
+    from src.utils.config import compose
+    from src.utils.loggers import log_to_run_wandb
+
+    seen = {}
+
+    class FakeRun:
+        summary: dict = {}
+
+        def log(self, data):
+            seen["log"] = data
+
+        def finish(self):
+            seen["finished"] = True
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(init=kw) or FakeRun())
+    cfg = compose(["logger=wandb", "logger.wandb.mode=offline"])
+    results = {"knn_top1_k10": 80.0, "eval_val_split": "test"}
+    assert not log_to_run_wandb(cfg, tmp_path, results, []) and not seen  # no .wandb_id: the run had no W&B run
+    (tmp_path / ".wandb_id").write_text("abc123\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "last.tsne.png")
+    assert log_to_run_wandb(cfg, tmp_path, results, [("tsne", tmp_path / "last.tsne.png")])
+    assert seen["init"]["id"] == "abc123" and seen["init"]["resume"] == "allow" and seen["finished"]
+    assert FakeRun.summary == {"eval/knn_top1_k10": 80.0} and list(seen["log"]) == ["eval/tsne"]
+    assert not log_to_run_wandb(compose(["logger=csv"]), tmp_path, results, [])  # the run logged to CSV only
