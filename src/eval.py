@@ -170,7 +170,8 @@ def evaluate_backbone(overrides: list[str], protocols: list[str] = ()) -> dict:
     weights = cfg.backbone.get("pretrained")
     head = {"weights": weights or "random initialisation", "backbone": choices.get("backbone"), "data": choices.get("data")}
     if protocols:
-        random = lambda: instantiate(OmegaConf.merge(cfg.backbone, {"pretrained": None}))  # noqa: E731
+        random_cfg = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k != "pretrained"}
+        random = lambda: instantiate(random_cfg)  # noqa: E731 - the same backbone, its own initialisation
         return {**head, **measure_protocols(backbone, instantiate(cfg.views), cfg, protocols, random,
                                             Path(weights) if weights else None)}
     return {**head, **measure(backbone, instantiate(cfg.views), cfg)}

@@ -161,6 +161,14 @@ def test_eval_cli_runs_protocols_and_reuses_the_finetune_subset(run_dir):
 
 
 @pytest_slow
+def test_a_bare_random_backbone_is_measured_against_the_same_initialisation():
+    proc = run_module("src.eval", "backbone=convnet", "backbone.width=8", "data=digits", "protocol=knn", "ks=[5,50]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in proc.stdout.splitlines() if ln.startswith("knn_top1_k")}
+    assert set(rows) == {"knn_top1_k5", "knn_top1_k50"} and all(a == b for a, b in rows.values())  # seeded alike
+
+
+@pytest_slow
 def test_report_collects_runs_and_their_protocol_files(run_dir, tmp_path):
     proc = run_module("src.report", str(run_dir), "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
