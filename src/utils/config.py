@@ -68,7 +68,7 @@ def size_of_images(folder: str, count: int = 32) -> int | None:
     """The median shorter side of the first ``count`` images under ``folder`` (their headers, read with PIL): the
     image size of a folder dataset given none (conf/data/imagefolder.yaml). None where there is no readable image
     (the data checks then say what is missing). The choice is logged once per folder."""
-    from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities import rank_zero_only
     from PIL import Image
 
     sides = []
@@ -81,6 +81,7 @@ def size_of_images(folder: str, count: int = 32) -> int | None:
     if not sides:
         return None
     size = int(statistics.median_low(sides))
-    rank_zero_info(f"data.image_size={size}: the median shorter side of {len(sides)} images under {folder}; "
-                   "set data.image_size=<pixels> to choose another size")
+    # stdout: a run that stops on a config problem still has exactly one line on stderr, its error
+    rank_zero_only(print)(f"data.image_size={size}: the median shorter side of {len(sides)} images under {folder}; "
+                          "set data.image_size=<pixels> to choose another size", flush=True)
     return size
