@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -289,7 +290,9 @@ def test_callbacks_in_trainer(tmp_path):
     assert fresh.metrics == probe.metrics
 
 
-def test_callbacks_skip_unlabelled_data():
+@contextlib.contextmanager
+def lightning_info():
+    """The messages Lightning's logger gets at INFO level inside the block (a list, filled as they come)."""
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
@@ -298,15 +301,20 @@ def test_callbacks_skip_unlabelled_data():
     old_level = lg.level
     lg.setLevel(logging.INFO)
     try:
+        yield records
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(old_level)
+
+
+def test_callbacks_skip_unlabelled_data():
+    with lightning_info() as records:
         probe, knn, final = (
             OnlineLinearProbe(),
             KNNMonitor(),
             FinalEvaluation(random_backbone=_random_backbone),
         )
         _fit(FakeData(labelled=False), [ThroughputMonitor(), probe, knn, final])
-    finally:
-        lg.removeHandler(handler)
-        lg.setLevel(old_level)
     assert probe.metrics == {} and knn.metrics == {}
     assert final.results == {"eval_skipped": "data has no labels"}
     for msg in ("online probe skipped", "kNN monitor skipped", "final evaluation skipped"):
@@ -365,20 +373,10 @@ def test_online_probe_train_view_reuses_the_steps_features():
 
 def test_online_probe_falls_back_to_the_eval_pass_once():
     """A method whose step keeps no first-view features: train_view trains exactly as eval_pass, saying so once."""
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    lg = logging.getLogger("lightning.pytorch")
-    lg.addHandler(handler)
-    old_level = lg.level
-    lg.setLevel(logging.INFO)
-    try:
+    with lightning_info() as records:
         fallback = OnlineLinearProbe(features="train_view")
         torch.manual_seed(0)
         _fit_method(FakeMethod(), [fallback])
-    finally:
-        lg.removeHandler(handler)
-        lg.setLevel(old_level)
     assert sum("computes no plain features" in r for r in records) == 1, records
     eval_pass = OnlineLinearProbe(features="eval_pass")
     torch.manual_seed(0)
