@@ -99,8 +99,8 @@ class FinalEvaluation(L.Callback):
             f"{prefix}linear_top5": lin["top5"],
         }
 
-    def _random_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[tuple, tuple]:
-        """Build and evaluate the random baseline without touching the global RNG stream."""
+    def _random_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[nn.Module, tuple, tuple]:
+        """Build and evaluate the random baseline without touching the global RNG stream: (model, train, val)."""
         device, dm = pl_module.device, trainer.datamodule
         ctx = trainer.precision_plugin.forward_context
         with own_rng(self.seed, device):
@@ -109,7 +109,7 @@ class FinalEvaluation(L.Callback):
                                           self.max_train_items, ctx)
             val = extract_features_with(backbone, pl_module.views, dm.eval_val_dataloader(), device,
                                         self.max_val_items, ctx)
-        return train, val
+        return backbone, train, val
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
@@ -124,10 +124,10 @@ class FinalEvaluation(L.Callback):
         if self.holdout_fraction > 0:  # held-out training data: what sweeps and model choices may look at
             rest, held = holdout_split(train, self.holdout_fraction, self.seed)
             scores.update(self._scores(rest, held, dm.num_classes, device, "val_"))
+        random = None
         if self.random_backbone is not None:
-            scores.update(
-                self._scores(*self._random_features(trainer, pl_module), dm.num_classes, device, "random_")
-            )
+            random = self._random_features(trainer, pl_module)
+            scores.update(self._scores(*random[1:], dm.num_classes, device, "random_"))
         train_split, val_split = getattr(dm, "eval_split_names", ("train", "val"))
         self.results = {key: round(float(v), 2) for key, v in scores.items()}
         self.results.update(
@@ -139,29 +139,32 @@ class FinalEvaluation(L.Callback):
         if held is not None:
             self.results["eval_holdout_items"] = int(held[0].shape[0])
         if self.protocols:
-            self.results.update(self._run_protocols(trainer, pl_module))
+            self.results.update(self._run_protocols(trainer, pl_module, (train, val), random))
         metrics = {f"eval/{k}": v for k, v in self.results.items() if isinstance(v, (int, float))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(f"final evaluation: {self.results}")
 
-    def _run_protocols(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """The extra protocols on the trained method and on the random-init one; files on rank 0 only."""
+    def _run_protocols(self, trainer: L.Trainer, pl_module: L.LightningModule, features: tuple,
+                       random: tuple | None) -> dict[str, Any]:
+        """The extra protocols on the trained method and on the random-init one (``random``: its model and features),
+        starting from the features extracted above (not extracted again); files on rank 0 only."""
         from src.protocols import Subject, run_protocols
 
         run_dir = Path(trainer.default_root_dir)
         epoch = trainer.current_epoch  # training has ended: the epochs done
         main = trainer.is_global_zero
 
-        def subject(model, name: str) -> Subject:
+        def subject(model, name: str, known: tuple) -> Subject:
+            cache = {("train", self.max_train_items): known[0], ("val", self.max_val_items): known[1]}
             return Subject(model, pl_module.views, trainer.datamodule, pl_module.device, self.seed,
                            out_dir=run_dir / "checkpoints" if main else None,
                            pictures=(lambda what: run_dir / "pictures" / f"{what}_{epoch:04d}.png") if main else None,
                            publish=lambda what, image, caption: [
                                lg.log_image(key=what, images=[image], caption=[caption], step=trainer.global_step)
                                for lg in trainer.loggers if isinstance(lg, WandbLogger)],
-                           forward_context=trainer.precision_plugin.forward_context, name=name)
+                           forward_context=trainer.precision_plugin.forward_context, name=name, cache=cache)
 
-        random = (lambda: subject(self.random_backbone().to(pl_module.device), "random")) if self.random_backbone else None
+        baseline = (lambda: subject(random[0], "random", random[1:])) if random is not None else None
         out = (lambda tag: run_dir / "checkpoints" / f"last.{tag}.json") if main else None
-        return run_protocols(self.protocols, subject(pl_module, "trained"), random, out)
+        return run_protocols(self.protocols, subject(pl_module, "trained", features), baseline, out)

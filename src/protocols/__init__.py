@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from src.callbacks.features import extract_features_with, own_rng
+from src.callbacks.features import eval_mode, extract_features_with, own_rng
 
 
 @dataclass
@@ -49,18 +49,28 @@ class Subject:
     publish: Callable[[str, torch.Tensor, str], None] | None = None
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None
     name: str = "trained"
-    _cache: dict = field(default_factory=dict, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)  # (split, max_items) -> features a caller already has
 
     def features(self, split: str, max_items: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features and labels (CPU) of ``split`` (``train`` or ``val``, the data's evaluation splits), at most
         ``max_items`` evenly spaced samples."""
         key = (split, max_items)
-        if key not in self._cache:
+        if key not in self.cache:
             dm = self.datamodule
             loader = dm.eval_train_dataloader() if split == "train" else dm.eval_val_dataloader()
-            self._cache[key] = extract_features_with(self.model, self.views, loader, self.device, max_items,
+            self.cache[key] = extract_features_with(self.model, self.views, loader, self.device, max_items,
                                                      self.forward_context)
-        return self._cache[key]
+        return self.cache[key]
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the features: the method's ``feature_dim`` or the backbone's ``out_dim``, else one image's pass."""
+        for name in ("feature_dim", "out_dim"):
+            if isinstance(width := getattr(self.model, name, None), int):
+                return width
+        image = torch.as_tensor(self.datamodule.eval_val[0][0])[None].to(self.device)
+        with eval_mode(self.model), eval_mode(self.views), torch.no_grad():
+            return int(self.model(self.views.eval_view(image)).flatten(1).shape[1])
 
     def files(self, name: str) -> Path | None:
         """``out_dir / name`` (None without an ``out_dir``: nothing is kept)."""
