@@ -119,8 +119,7 @@ class FineTune(Protocol):
         indices = self.subset(subject)
         dataset, device = subject.datamodule.eval_train, subject.device
         model = subject.trainable_copy().train()
-        dim = subject.features("val", self.max_val_items)[0].shape[1]
-        head = nn.Linear(dim, subject.num_classes).to(device)
+        head = nn.Linear(subject.feature_dim, subject.num_classes).to(device)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         batch = min(self.batch_size, indices.numel())
