@@ -24,6 +24,11 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of an epoch's order: a function of (seed, epoch) alone."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+
+
 class EpochSampler(Sampler[int]):
     """A random permutation of ``range(n)`` drawn from ``seed`` and the epoch (``set_epoch``, which Lightning
     calls every epoch), truncated to a multiple of the world size and split round-robin between ranks."""
@@ -43,8 +48,7 @@ class EpochSampler(Sampler[int]):
         self._resume = (epoch, samples)
 
     def _permutation(self) -> Tensor:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        order = torch.randperm(self.n, generator=g)
+        order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch))
         rank, world = _rank_world()
         return order[: self.n - self.n % world][rank::world]
 

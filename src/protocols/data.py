@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from src.data.sampler import epoch_generator
 from src.data.views import Views
 from src.utils.errors import UserError
 
@@ -102,8 +103,7 @@ def shuffled_batches(dataset: Dataset, indices: torch.Tensor, batch_size: int, s
                      num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(images uint8, labels)`` batches over ``indices`` of ``dataset`` in an order drawn from (seed, epoch) alone;
     the last batch may be smaller. Tensors held in memory are indexed directly (no loader)."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
-    order = indices[torch.randperm(indices.numel(), generator=g)]
+    order = indices[torch.randperm(indices.numel(), generator=epoch_generator(seed, epoch))]
     split = getattr(dataset, "split", None)
     if split is not None and hasattr(split, "images"):
         for i in range(0, order.numel(), batch_size):
