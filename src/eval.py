@@ -21,26 +21,23 @@ table, and, when the checkpoint's run logged to W&B, adds its figures to that W&
 
 from __future__ import annotations
 
-import json
-import pickle
-import re
 import sys
 import time
-import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.callbacks.features import extract_features_with
 from src.callbacks.image_text import has_text_tower, measure_image_text
 from src.nn.knn import knn_top1
 from src.nn.linear_probe import train_linear_probe
+from src.protocols.features import extract_features
+from src.utils.checkpointing import epochs_trained, load_checkpoint, weight_mismatch
 from src.utils.config import CONF_DIR, compose
 from src.utils.errors import UserError
+from src.utils.io import write_json_atomic
 from src.utils.preflight import fail, problems_for
 from src.utils.results import format_comparison, format_table
 
@@ -66,63 +63,6 @@ def run_choice(ckpt: Path, group: str) -> str | None:
         return str(OmegaConf.load(hydra_yaml).hydra.runtime.choices[group])
     except Exception:  # noqa: BLE001 - no run folder, or an older layout
         return None
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not a readable checkpoint (not a torch.save archive); pass a last.ckpt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" such as {found.group(1)}" if found else ""
-        raise UserError(f"{path} holds Python objects{what} besides tensors and plain values, so it is not loaded "
-                        "(safe loading, weights_only=True); only checkpoints of this framework are evaluated") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:100]})") from e
-    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
-        raise UserError(f"{path} is not a checkpoint of this framework (no state_dict); pass a last.ckpt")
-    return state
-
-
-def load_run_model(ckpt: Path, purpose: str) -> tuple[dict, Any]:
-    """``(state, model)`` of a checkpoint that carries its run config (every checkpoint of this framework since the
-    config was saved in it), the model rebuilt from that config with its weights, in eval mode; ``purpose`` (e.g.
-    "search needs a CLIP checkpoint") ends the one-line error for a missing file or config."""
-    from src.utils.checkpointing import model_from_checkpoint
-
-    if not ckpt.is_file():
-        raise UserError(f"{ckpt} is not a file; pass a checkpoint such as outputs/<run>/checkpoints/last.ckpt "
-                        f"({purpose})")
-    state = load_checkpoint(ckpt)
-    config = state.get("config")
-    if not isinstance(config, dict) or not {"method", "backbone", "views", "data"} <= config.keys():
-        raise UserError(f"{ckpt} has no run config in it (written by older versions); {purpose}")
-    return state, model_from_checkpoint(state)
-
-
-def weight_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], prefix: str) -> str | None:
-    """A description of how ``found`` differs from ``expected`` under ``prefix`` (None when they match)."""
-    want = {k: tuple(v.shape) for k, v in expected.items() if k.startswith(prefix)}
-    got = {k: tuple(v.shape) for k, v in found.items() if k.startswith(prefix)}
-    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
-    shapes = [f"{k} {got[k]} instead of {want[k]}" for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
-    if not (missing or extra or shapes):
-        return None
-    parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
-    parts += [f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else []
-    parts += [f"{len(shapes)} of another shape (e.g. {shapes[0]})"] if shapes else []
-    return ", ".join(parts)
-
-
-def epochs_trained(state: dict) -> int | None:
-    """Training epochs whose steps all ran before ``state`` was saved (the fit loop's processed epochs; the
-    checkpoint's own ``epoch`` is the 0-based index of the epoch it was saved in)."""
-    try:
-        return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-    except (KeyError, TypeError, ValueError):
-        return state.get("epoch")
 
 
 def evaluate(ckpt: Path, overrides: list[str], protocols: list[str] = ()) -> dict:
@@ -230,8 +170,8 @@ def measure(model, views, cfg) -> dict:
     dm = labelled_data(cfg)
     final = cfg.eval.get("final") or compose(["eval=default"]).eval.final
     start = time.time()
-    train = extract_features_with(model, views, dm.eval_train_dataloader(), device, final.max_train_items)
-    val = extract_features_with(model, views, dm.eval_val_dataloader(), device, final.max_val_items)
+    train = extract_features(model, views, dm.eval_train_dataloader(), device, final.max_train_items)
+    val = extract_features(model, views, dm.eval_val_dataloader(), device, final.max_val_items)
     (tx, ty), (vx, vy) = [(f.to(device), y.to(device)) for f, y in (train, val)]
     linear = train_linear_probe(tx, ty, vx, vy, dm.num_classes, final.linear_epochs, seed=cfg.seed)
     out = {"knn_top1": round(knn_top1(tx, ty, vx, vy, dm.num_classes, final.k, final.temperature), 2),
@@ -291,9 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     out = None
     if source:
         out = Path(source).with_name(Path(source).name + ".eval.json")
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(out)
+        write_json_atomic(out, results)
     print(format_table(results) + (f"\n\nresults: {out}" if out else ""), flush=True)
 
 

@@ -18,7 +18,6 @@ written.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from src.utils.checkpointing import atomic_torch_save
 from src.utils.errors import UserError
+from src.utils.io import write_json_atomic
 from src.utils.preflight import fail
 
 FORMATS = ("torchvision", "timm", "state_dict")
@@ -69,7 +69,7 @@ def timm_create_kwargs(backbone_cfg: dict, backbone: nn.Module) -> dict:
 
 
 def export(ckpt: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict]:
-    from src.eval import epochs_trained, load_run_model
+    from src.utils.checkpointing import epochs_trained, load_run_model
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
@@ -121,7 +121,7 @@ def export(ckpt: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict]:
     else:
         atomic_torch_save(weights, out)
     meta = out.with_name(out.name + ".json")
-    meta.write_text(json.dumps(info, indent=2) + "\n")
+    write_json_atomic(meta, info)
     return out, info
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from src.utils.io import write_text_atomic
 from src.utils.preflight import fail
 from src.utils.sweeps import short_override
 
@@ -142,7 +143,7 @@ def report(paths: list[Path], out: Path | None = None, everything: bool = False)
     out.mkdir(parents=True, exist_ok=True)
     md, png = out / "report.md", out / "report.png"
     bar_plot(names, rows, columns, png)
-    md.write_text(f"# Report of {len(runs)} runs\n\nEach cell: trained / random-init baseline (same architecture, "
+    write_text_atomic(md, f"# Report of {len(runs)} runs\n\nEach cell: trained / random-init baseline (same architecture, "
                   f"same protocol); few-shot: mean ± confidence half-width over episodes.\n\n{text}\n\n![bars]({png.name})\n")
     from src.utils.loggers import log_wandb_table
 

@@ -27,7 +27,7 @@ from src.utils.sheet import contact_sheet
 
 
 def load_model(ckpt: Path):
-    from src.eval import load_run_model
+    from src.utils.checkpointing import load_run_model
 
     state, model = load_run_model(ckpt, "search needs a CLIP checkpoint of this framework")
     target = str(state["config"]["method"].get("_target_", "?")).rsplit(".", 1)[-1]

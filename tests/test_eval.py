@@ -13,13 +13,13 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.callbacks.features import extract_features, extract_features_with
 from src.callbacks.final_eval import FinalEvaluation
 from src.callbacks.knn_monitor import KNNMonitor
 from src.callbacks.online_probe import OnlineLinearProbe
 from src.callbacks.throughput import ThroughputMonitor
 from src.nn.knn import knn_predict, knn_top1
 from src.nn.linear_probe import train_linear_probe
+from src.protocols.features import extract_features
 
 NUM_CLASSES = 3
 
@@ -193,14 +193,14 @@ def test_extract_features_keeps_modes_and_bn_stats():
     method.backbone.drop.eval()  # mixed flags must come back exactly
     flags = {n: m.training for n, m in method.named_modules()}
     buffers = {k: v.clone() for k, v in method.state_dict().items()}
-    feats, labels = extract_features(method, FakeData().eval_val_dataloader(), max_items=40)
+    feats, labels = extract_features(method, method.views, FakeData().eval_val_dataloader(), "cpu", max_items=40)
     assert (
         feats.shape == (40, TinyBackbone.out_dim) and feats.dtype == torch.float32 and labels.shape == (40,)
     )
     assert {n: m.training for n, m in method.named_modules()} == flags
     assert all(torch.equal(v, method.state_dict()[k]) for k, v in buffers.items())
     # the callable variant gives the same features
-    again, _ = extract_features_with(
+    again, _ = extract_features(
         method.backbone, method.views, FakeData().eval_val_dataloader(), "cpu", 40
     )
     assert torch.allclose(again, feats)
@@ -210,7 +210,7 @@ def test_max_items_spans_a_class_sorted_dataset():
     images = torch.randint(0, 255, (90, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(3).repeat_interleave(30)  # sorted by class, like a folder dataset
     loader = DataLoader(TensorDataset(images, labels), batch_size=16)
-    feats, got = extract_features(FakeMethod(), loader, max_items=9)
+    feats, got = extract_features(FakeMethod(), FakeMethod().views, loader, "cpu", max_items=9)
     assert feats.shape[0] == 9 and set(got.tolist()) == {0, 1, 2}
 
 

@@ -10,9 +10,8 @@ import torch
 import torchvision
 from hydra.utils import instantiate
 
-from src.eval import load_checkpoint
 from src.export import main as export_main
-from src.utils.checkpointing import model_from_checkpoint
+from src.utils.checkpointing import load_checkpoint, model_from_checkpoint
 from src.utils.config import compose
 from tests.helpers import tiny_cfg, to_plain
 

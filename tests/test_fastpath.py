@@ -236,8 +236,7 @@ def test_compile_without_a_compiler_is_one_line(monkeypatch):
 def test_fused_optimizers_only_for_torchs_adam_adamw_sgd_on_cuda_tensors():
     from functools import partial
 
-    from src.methods.base import fusable
-    from src.nn.optim import LARS
+    from src.nn.optim import LARS, fusable
 
     cuda = [SimpleNamespace(is_cuda=True, is_sparse=False)] * 2
     assert fusable(partial(torch.optim.AdamW, lr=1.0), cuda) and fusable(partial(torch.optim.Adam, lr=1.0), cuda)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.utils.config import compose, group_options
+from src.utils.io import write_text_atomic
 
 # Per-method Hydra overrides that fit the paper configs to a 400-step CPU budget on 10,240 images; every
 # override used is printed under the method in the results page. Three kinds only:
@@ -252,7 +253,7 @@ def run_method(cmd: list[str], method: str, out: Path, budget: dict, reuse: bool
         run.error = f"exit 0 but no {results_path}"
         return run
     run.results = json.loads(results_path.read_text())
-    budget_path.write_text(json.dumps({**budget, "process_wall_s": run.process_wall_s}, indent=2) + "\n")
+    write_text_atomic(budget_path, json.dumps({**budget, "process_wall_s": run.process_wall_s}, indent=2) + "\n")
     return _check_results(run)
 
 
@@ -286,7 +287,7 @@ def raw_pixel_baseline(extra: list[str]) -> dict:
     """kNN on raw normalised pixels under the final evaluation's protocol, and Euclidean 5-NN on all pixels.
 
     The data comes from the project's datamodule (``data=fashion_mnist`` composed with the ``data.*`` /
-    ``paths.*`` / ``eval.*`` parts of ``extra``); the bank is chosen by :func:`extract_features_with`
+    ``paths.*`` / ``eval.*`` parts of ``extra``); the bank is chosen by :func:`extract_features`
     exactly as the final evaluation chooses it (evenly spaced, at most ``eval.final.max_train_items``).
     """
     import numpy as np
@@ -294,8 +295,8 @@ def raw_pixel_baseline(extra: list[str]) -> dict:
     from sklearn.neighbors import KNeighborsClassifier
     from torch import nn
 
-    from src.callbacks.features import extract_features_with
     from src.nn.knn import knn_top1
+    from src.protocols.features import extract_features
 
     keep = [o for o in extra if o.lstrip("+~").startswith(("data.", "paths.", "eval."))]
     cfg = compose(["data=fashion_mnist", *keep])
@@ -306,8 +307,8 @@ def raw_pixel_baseline(extra: list[str]) -> dict:
     views = instantiate(cfg.views)  # only eval_view is used: resize/centre-crop to crop_size, normalise
     flat = nn.Flatten()
     start = time.time()
-    tx, ty = extract_features_with(flat, views, dm.eval_train_dataloader(), "cpu", final.max_train_items)
-    vx, vy = extract_features_with(flat, views, dm.eval_val_dataloader(), "cpu", final.max_val_items)
+    tx, ty = extract_features(flat, views, dm.eval_train_dataloader(), "cpu", final.max_train_items)
+    vx, vy = extract_features(flat, views, dm.eval_val_dataloader(), "cpu", final.max_val_items)
     cos = knn_top1(tx, ty, vx, vy, dm.num_classes, final.k, final.temperature)
     cos_s = time.time() - start
 
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
 
     notes = existing_notes(args.results.read_text()) if args.results.is_file() else ""
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(render_markdown(runs, baseline, meta, notes))
+    write_text_atomic(args.results, render_markdown(runs, baseline, meta, notes))
     print("\n" + format_stdout_table(runs, baseline) + f"\n\nwritten: {args.results}", flush=True)
     failed = [r.method for r in runs if not r.ok and not r.skipped]
     if failed:

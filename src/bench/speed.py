@@ -48,6 +48,7 @@ from src.nn.ema import update_momentum
 from src.train import build_callbacks, build_parts, build_trainer
 from src.utils.checks import check_config
 from src.utils.config import compose
+from src.utils.io import write_text_atomic
 from src.utils.loggers import build_loggers, finish_loggers
 
 TARGET_BARE = 0.85  # framework >= 85% of the bare loop's images/s
@@ -430,7 +431,7 @@ def write_section(path: Path, body: str, device: str) -> None:
         text = before + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_text_atomic(path, text)
 
 
 # ---- command line -------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ callbacks; with in-memory datasets it has nothing to report.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
 import torch.distributed as dist
+
+from src.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,7 @@ class DataHealth(L.Callback):
         if not trainer.is_global_zero or len(skipped) <= self.reported:
             return
         path = Path(trainer.default_root_dir) / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped.items()), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(f"{p}\t{reason}\n" for p, reason in skipped.items()))
         new = len(skipped) - self.reported
         log.warning(f"data: skipped {len(skipped)} image file(s) that could not be decoded ({new} new {when}); "
                     f"list in {path}")

@@ -29,10 +29,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from src.callbacks.features import extract_features, extract_features_with, labels_available, own_rng
+from src.callbacks import labels_available
 from src.nn.knn import knn_top1
 from src.nn.linear_probe import train_linear_probe
 from src.protocols import Protocol
+from src.protocols.features import extract_features, own_rng
 
 
 def holdout_split(features: tuple[torch.Tensor, torch.Tensor], fraction: float, seed: int) -> tuple[tuple, tuple]:
@@ -105,9 +106,9 @@ class FinalEvaluation(L.Callback):
         ctx = trainer.precision_plugin.forward_context
         with own_rng(self.seed, device):
             backbone = self.random_backbone().to(device)
-            train = extract_features_with(backbone, pl_module.views, dm.eval_train_dataloader(), device,
+            train = extract_features(backbone, pl_module.views, dm.eval_train_dataloader(), device,
                                           self.max_train_items, ctx)
-            val = extract_features_with(backbone, pl_module.views, dm.eval_val_dataloader(), device,
+            val = extract_features(backbone, pl_module.views, dm.eval_val_dataloader(), device,
                                         self.max_val_items, ctx)
         return backbone, train, val
 
@@ -117,8 +118,8 @@ class FinalEvaluation(L.Callback):
             self.results = {"eval_skipped": "data has no labels"}
             return
         ctx, device = trainer.precision_plugin.forward_context, pl_module.device
-        train = extract_features(pl_module, dm.eval_train_dataloader(), self.max_train_items, ctx)
-        val = extract_features(pl_module, dm.eval_val_dataloader(), self.max_val_items, ctx)
+        train = extract_features(pl_module, pl_module.views, dm.eval_train_dataloader(), pl_module.device, self.max_train_items, ctx)
+        val = extract_features(pl_module, pl_module.views, dm.eval_val_dataloader(), pl_module.device, self.max_val_items, ctx)
         scores = self._scores(train, val, dm.num_classes, device, "")
         held = None
         if self.holdout_fraction > 0:  # held-out training data: what sweeps and model choices may look at

@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from src.callbacks.features import eval_mode, own_rng
 from src.callbacks.pictures import held_out_images
 from src.nn.health import alignment, rankme, std_ratio, uniformity
+from src.protocols.features import eval_mode, own_rng
 
 
 class RepresentationHealth(L.Callback):

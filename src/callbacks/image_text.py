@@ -25,9 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchvision.transforms.functional import to_tensor
 
-from src.callbacks.features import eval_mode, extract_features_with, own_rng
 from src.callbacks.pictures import save_picture
 from src.nn.image_text import caption_relevance, retrieval_recall, zeroshot_accuracy, zeroshot_weights
+from src.protocols.features import eval_mode, extract_features, own_rng
 from src.utils.sheet import contact_sheet
 
 
@@ -74,7 +74,7 @@ def measure_image_text(model: Any, views: Any, dm: Any, device: torch.device, ma
         if getattr(dm, "has_labels", False) and getattr(dm, "eval_val", None) is not None:
             weights = zeroshot_weights(model.encode_text, model.tokenizer, dm.zeroshot_class_names(),
                                        dm.prompt_templates, device)
-            emb, labels = extract_features_with(model.encode_image, views, dm.eval_val_dataloader(), device,
+            emb, labels = extract_features(model.encode_image, views, dm.eval_val_dataloader(), device,
                                                 max_val_items, forward_context)
             scores.update(zeroshot_accuracy(emb, labels, weights.cpu()))
         loader = dm.pairs_dataloader() if callable(getattr(dm, "pairs_dataloader", None)) else None

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import lightning as L
 
-from src.callbacks.features import extract_features, labels_available
+from src.callbacks import labels_available
 from src.nn.knn import knn_top1
+from src.protocols.features import extract_features
 
 
 class KNNMonitor(L.Callback):
@@ -33,8 +34,8 @@ class KNNMonitor(L.Callback):
         if not labels_available(trainer, self, "kNN monitor"):
             return
         ctx = trainer.precision_plugin.forward_context
-        bank, bank_y = extract_features(pl_module, dm.eval_train_dataloader(), self.max_train_items, ctx)
-        query, query_y = extract_features(pl_module, dm.eval_val_dataloader(), self.max_val_items, ctx)
+        bank, bank_y = extract_features(pl_module, pl_module.views, dm.eval_train_dataloader(), pl_module.device, self.max_train_items, ctx)
+        query, query_y = extract_features(pl_module, pl_module.views, dm.eval_val_dataloader(), pl_module.device, self.max_val_items, ctx)
         if bank.shape[0] == 0 or query.shape[0] == 0:
             return
         dev = pl_module.device

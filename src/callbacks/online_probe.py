@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from src.callbacks.features import eval_mode, extract_features, labels_available
+from src.callbacks import labels_available
+from src.protocols.features import eval_mode, extract_features
 
 
 def _distributed() -> bool:
@@ -175,7 +176,9 @@ class OnlineLinearProbe(L.Callback):
         """Top-1 (percent) of the current probe on the eval-val split (not sharded: same on every rank)."""
         feats, labels = extract_features(
             pl_module,
+            pl_module.views,
             trainer.datamodule.eval_val_dataloader(),
+            pl_module.device,
             self.max_val_items,
             trainer.precision_plugin.forward_context,
         )

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
 
-from src.callbacks.features import eval_mode
+from src.protocols.features import eval_mode
 
 
 def held_out_images(trainer: L.Trainer, num: int) -> torch.Tensor:

@@ -4,9 +4,10 @@ The correlation is computed over the global batch (embeddings gathered with grad
 
 from __future__ import annotations
 
-from src.methods.base import SSLMethod, decay_groups
+from src.methods.base import SSLMethod
 from src.nn.heads import MLP
 from src.nn.losses import barlow_twins_loss
+from src.nn.optim import decay_groups
 
 
 class BarlowTwins(SSLMethod):

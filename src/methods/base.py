@@ -13,10 +13,8 @@ equal-sized views and the head once over all of them; :func:`view_pairs` lists w
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 
@@ -27,63 +25,12 @@ from torch import nn
 from torch.distributed import ReduceOp
 
 from src.nn.ema import update_momentum
+from src.nn.multicrop import size_runs
 from src.nn.nonfinite import NonFiniteWatch
+from src.nn.optim import compile_unavailable, decay_groups, fusable
 from src.nn.schedules import cosine_schedule, warmup_cosine
 from src.utils.errors import UserError
 from src.utils.hashing import stable_hash
-
-
-def size_runs(views: list[torch.Tensor]) -> list[slice]:
-    """Runs of consecutive views with the same spatial size, e.g. [0:2, 2:8] for 2 global + 6 local crops."""
-    runs, start = [], 0
-    for i in range(1, len(views) + 1):
-        if i == len(views) or views[i].shape[-2:] != views[start].shape[-2:]:
-            runs.append(slice(start, i))
-            start = i
-    return runs
-
-
-def num_global_views(views: list[torch.Tensor]) -> int:
-    """How many leading views have the size of the first one (the global crops of a multi-crop recipe)."""
-    return size_runs(views)[0].stop
-
-
-def view_pairs(num_global: int, num_views: int) -> list[tuple[int, int]]:
-    """(target view, predicting view) pairs: every global view against every other view, never itself."""
-    return [(t, s) for t in range(num_global) for s in range(num_views) if s != t]
-
-
-def decay_groups(params, **options) -> list[dict]:
-    """Two optimizer groups of the trainable ``params``: weights, and biases/norms (ndim <= 1) without
-    weight decay or LARS adaptation. ``options`` are added to both (e.g. ``fixed_lr=True``)."""
-    decay, no_decay = [], []
-    for p in params:
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, **options}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **options}]
-
-
-def compile_unavailable(device: torch.device) -> str | None:
-    """Why ``torch.compile``'s default backend (inductor) cannot build kernels for ``device`` here, or None."""
-    if device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        return None if has_triton() else "inductor needs Triton for CUDA and it is not installed (pip install triton)"
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        return "inductor needs a C++ compiler for the CPU and none was found (install g++)"
-    return None
-
-
-def fusable(factory: Callable, params: list[torch.Tensor]) -> bool:
-    """Whether ``factory`` (a partial of the configured optimizer) builds torch's Adam, AdamW or SGD, whose fused
-    CUDA kernel this PyTorch has, for ``params`` that are all dense CUDA tensors, and fused is not already set."""
-    cls = getattr(factory, "func", factory)
-    if cls not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD) or "fused" in getattr(factory, "keywords", {}):
-        return False
-    if "fused" not in inspect.signature(cls).parameters:
-        return False
-    return bool(params) and all(p.is_cuda and not p.is_sparse for p in params)
-
 
 NONFINITE = ("stop", "skip")
 

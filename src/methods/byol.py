@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from src.methods.base import SSLMethod, num_global_views, view_pairs
+from src.methods.base import SSLMethod
 from src.nn.ema import frozen_copy
 from src.nn.heads import MLP
 from src.nn.losses import negative_cosine
+from src.nn.multicrop import num_global_views, view_pairs
 
 
 class BYOL(SSLMethod):

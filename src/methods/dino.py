@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from src.methods.base import SSLMethod, num_global_views
+from src.methods.base import SSLMethod
 from src.nn.ema import frozen_copy
 from src.nn.heads import DINOHead
 from src.nn.losses import dino_loss
+from src.nn.multicrop import num_global_views
 from src.utils import distributed as du
 
 

@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.backbones.vit import has_token_api, require_token_api
-from src.methods.base import SSLMethod, num_global_views
+from src.methods.base import SSLMethod
+from src.nn.multicrop import num_global_views
 
 
 def crop_size(cfg: DictConfig) -> int | None:

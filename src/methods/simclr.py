@@ -6,9 +6,10 @@ with another view (each pair once).
 
 from __future__ import annotations
 
-from src.methods.base import SSLMethod, num_global_views, view_pairs
+from src.methods.base import SSLMethod
 from src.nn.heads import MLP
 from src.nn.losses import nt_xent
+from src.nn.multicrop import num_global_views, view_pairs
 from src.utils.errors import UserError
 
 

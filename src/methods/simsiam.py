@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from src.methods.base import SSLMethod, decay_groups
+from src.methods.base import SSLMethod
 from src.nn.heads import MLP
 from src.nn.losses import negative_cosine
+from src.nn.optim import decay_groups
 
 
 class SimSiam(SSLMethod):

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.methods.base import SSLMethod, num_global_views
+from src.methods.base import SSLMethod
 from src.nn.heads import MLP
 from src.nn.losses import swav_loss
+from src.nn.multicrop import num_global_views
 from src.nn.queue import FeatureQueue, queue_size_problems
 from src.utils.errors import UserError
 

@@ -1,8 +1,46 @@
-"""LARS (You et al. 2017, "Large Batch Training of Convolutional Networks"), as used by SimCLR/BYOL."""
+"""Optimizer pieces: weight-decay parameter groups, the fused-kernel and compile checks, and LARS (You et al. 2017,
+"Large Batch Training of Convolutional Networks"), as used by SimCLR/BYOL."""
 
 from __future__ import annotations
 
+import inspect
+import shutil
+from collections.abc import Callable
+
 import torch
+
+
+def decay_groups(params, **options) -> list[dict]:
+    """Two optimizer groups of the trainable ``params``: weights, and biases/norms (ndim <= 1) without
+    weight decay or LARS adaptation. ``options`` are added to both (e.g. ``fixed_lr=True``)."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, **options}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **options}]
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile``'s default backend (inductor) cannot build kernels for ``device`` here, or None."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "inductor needs Triton for CUDA and it is not installed (pip install triton)"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "inductor needs a C++ compiler for the CPU and none was found (install g++)"
+    return None
+
+
+def fusable(factory: Callable, params: list[torch.Tensor]) -> bool:
+    """Whether ``factory`` (a partial of the configured optimizer) builds torch's Adam, AdamW or SGD, whose fused
+    CUDA kernel this PyTorch has, for ``params`` that are all dense CUDA tensors, and fused is not already set."""
+    cls = getattr(factory, "func", factory)
+    if cls not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD) or "fused" in getattr(factory, "keywords", {}):
+        return False
+    if "fused" not in inspect.signature(cls).parameters:
+        return False
+    return bool(params) and all(p.is_cuda and not p.is_sparse for p in params)
+
 
 
 class LARS(torch.optim.Optimizer):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -26,7 +25,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from src.callbacks.features import eval_mode, extract_features_with, own_rng
+from src.protocols.features import eval_mode, extract_features, own_rng
+from src.utils.io import write_json_atomic
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Subject:
         if key not in self.cache:
             dm = self.datamodule
             loader = dm.eval_train_dataloader() if split == "train" else dm.eval_val_dataloader()
-            self.cache[key] = extract_features_with(self.model, self.views, loader, self.device, max_items,
+            self.cache[key] = extract_features(self.model, self.views, loader, self.device, max_items,
                                                      self.forward_context)
         return self.cache[key]
 
@@ -136,19 +136,12 @@ def run_protocols(protocols: list[Protocol], subject: Subject, random_subject: C
                   **scores, **random_scores, "wall_time_s": round(time.time() - start, 1)}
         if out is not None:
             path = out(protocol.tag)
-            write_json(record, path)
+            write_json_atomic(path, record)
             rank_zero_info(f"{protocol.tag}: {path}")
         results.update(scores)
         results.update(random_scores)
     return results
 
-
-def write_json(record: dict, path: Path) -> None:
-    """``record`` to ``path``, atomically (a kill never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def percent(x: float) -> float:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from src.data.sampler import epoch_generator
 from src.data.views import Views
 from src.utils.errors import UserError
+from src.utils.io import write_text_atomic
 
 
 def split_labels(dataset: Dataset) -> torch.Tensor:
@@ -60,10 +61,7 @@ def write_subset(path: Path, indices: torch.Tensor, dataset: Dataset, header: st
     format of SimCLR's published ImageNet lists, which :func:`read_subset` also reads), else its index."""
     names = _names(dataset)
     lines = [names[i] for i in indices.tolist()] if names is not None else [str(i) for i in indices.tolist()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"# {header}\n" + "\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, f"# {header}\n" + "\n".join(lines) + "\n")
 
 
 def read_subset(path: Path, dataset: Dataset) -> torch.Tensor:

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.callbacks.features import extract_features_with
 from src.nn.metrics import accuracy
 from src.nn.schedules import warmup_cosine
 from src.protocols import Protocol, Subject, percent
@@ -34,6 +33,7 @@ from src.protocols.data import (
     split_labels,
     write_subset,
 )
+from src.protocols.features import extract_features
 from src.utils.errors import UserError
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -148,7 +148,7 @@ class FineTune(Protocol):
                     opt.step()
                     step += 1
         classifier = nn.Sequential(model, nn.Flatten(1), head)
-        logits, vy = extract_features_with(classifier, subject.views, subject.datamodule.eval_val_dataloader(), device,
+        logits, vy = extract_features(classifier, subject.views, subject.datamodule.eval_val_dataloader(), device,
                                            self.max_val_items, subject.forward_context)
         k = subject.num_classes
         return {f"{self.tag}_top1": percent(accuracy(logits, vy, k, 1)),

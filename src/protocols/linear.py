@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.callbacks.features import eval_mode
 from src.nn.linear_probe import train_linear_probe
 from src.nn.metrics import accuracy
 from src.nn.schedules import warmup_cosine
 from src.protocols import Protocol, Subject, percent
 from src.protocols.data import crop_flip_views, eval_size, shuffled_batches, split_labels
+from src.protocols.features import eval_mode
 
 
 class Linear(Protocol):

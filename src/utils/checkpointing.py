@@ -9,12 +9,17 @@ tensors and plain Python values only.
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+
+from src.utils.errors import UserError
 
 # keys that may differ between a run and its continuation
 RESUME_KEYS = ("resume", "ckpt_path")
@@ -102,3 +107,57 @@ def model_from_checkpoint(state: dict) -> Any:
     model = instantiate(cfg["method"], backbone=instantiate(backbone_cfg), views=instantiate(cfg["views"]))
     model.load_state_dict(state["state_dict"])
     return model.eval()
+
+def load_checkpoint(path: Path) -> dict:
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a readable checkpoint (not a torch.save archive); pass a last.ckpt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" such as {found.group(1)}" if found else ""
+        raise UserError(f"{path} holds Python objects{what} besides tensors and plain values, so it is not loaded "
+                        "(safe loading, weights_only=True); only checkpoints of this framework are evaluated") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:100]})") from e
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise UserError(f"{path} is not a checkpoint of this framework (no state_dict); pass a last.ckpt")
+    return state
+
+
+def load_run_model(ckpt: Path, purpose: str) -> tuple[dict, Any]:
+    """``(state, model)`` of a checkpoint that carries its run config (every checkpoint of this framework since the
+    config was saved in it), the model rebuilt from that config with its weights, in eval mode; ``purpose`` (e.g.
+    "search needs a CLIP checkpoint") ends the one-line error for a missing file or config."""
+    if not ckpt.is_file():
+        raise UserError(f"{ckpt} is not a file; pass a checkpoint such as outputs/<run>/checkpoints/last.ckpt "
+                        f"({purpose})")
+    state = load_checkpoint(ckpt)
+    config = state.get("config")
+    if not isinstance(config, dict) or not {"method", "backbone", "views", "data"} <= config.keys():
+        raise UserError(f"{ckpt} has no run config in it (written by older versions); {purpose}")
+    return state, model_from_checkpoint(state)
+
+
+def weight_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], prefix: str) -> str | None:
+    """A description of how ``found`` differs from ``expected`` under ``prefix`` (None when they match)."""
+    want = {k: tuple(v.shape) for k, v in expected.items() if k.startswith(prefix)}
+    got = {k: tuple(v.shape) for k, v in found.items() if k.startswith(prefix)}
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    shapes = [f"{k} {got[k]} instead of {want[k]}" for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
+    if not (missing or extra or shapes):
+        return None
+    parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+    parts += [f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else []
+    parts += [f"{len(shapes)} of another shape (e.g. {shapes[0]})"] if shapes else []
+    return ", ".join(parts)
+
+
+def epochs_trained(state: dict) -> int | None:
+    """Training epochs whose steps all ran before ``state`` was saved (the fit loop's processed epochs; the
+    checkpoint's own ``epoch`` is the 0-based index of the epoch it was saved in)."""
+    try:
+        return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return state.get("epoch")

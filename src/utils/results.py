@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from src.utils.io import write_json_atomic
 
 ROWS = [
     ("method", "method"), ("backbone", "backbone"), ("data", "data"), ("epochs", "epochs"),
@@ -31,11 +32,7 @@ def format_table(results: dict) -> str:
 
 
 def write_results(results: dict, run_dir: Path) -> Path:
-    path = Path(run_dir) / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json_atomic(Path(run_dir) / "results.json", results)
 
 
 def format_comparison(results: dict) -> str:

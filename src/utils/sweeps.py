@@ -17,6 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from src.utils.io import write_text_atomic
+
 COLUMNS = ("val_knn_top1", "knn_top1", "linear_top1", "zeroshot_top1", "wall_time_s")
 
 
@@ -74,7 +76,7 @@ def trials_markdown(trials: list[dict], objective: str) -> str:
 
 def write_trials(trials: list[dict], sweep_dir: Path, objective: str) -> tuple[Path, Path]:
     md, table = sweep_dir / "trials.md", sweep_dir / "trials.csv"
-    md.write_text(f"# Trials of {sweep_dir}\n\nObjective: `{objective}` (best first). Every trial: "
+    write_text_atomic(md, f"# Trials of {sweep_dir}\n\nObjective: `{objective}` (best first). Every trial: "
                   f"`{' '.join(shared_overrides(trials))}`\n\n{trials_markdown(trials, objective)}\n")
     with open(table, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["job", "overrides", "objective", *COLUMNS, "status"])

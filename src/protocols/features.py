@@ -1,4 +1,5 @@
-"""Frozen-feature extraction for the evaluation callbacks.
+"""Frozen-feature extraction: the one way every evaluation (final evaluation, kNN monitor, online probe, protocols,
+``src.eval``, ``src.embed``) reads a model's features. Lightning-free.
 
 Features are computed in eval mode under ``torch.no_grad()``; the train/eval flag of every submodule is
 restored exactly afterwards, so BatchNorm running statistics and the training state of the method are left
@@ -12,7 +13,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
@@ -66,7 +66,7 @@ def evenly_subsampled(loader: Iterable, max_items: int | None) -> Iterable:
     )
 
 
-def extract_features_with(
+def extract_features(
     model: Callable[[torch.Tensor], torch.Tensor],
     views: Any,
     loader: Iterable,
@@ -100,17 +100,6 @@ def extract_features_with(
     return out_f, out_y
 
 
-def extract_features(
-    pl_module: Any,
-    loader: Iterable,
-    max_items: int | None = None,
-    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of the method itself: ``pl_module(pl_module.views.eval_view(x))`` on ``pl_module.device``."""
-    return extract_features_with(
-        pl_module, pl_module.views, loader, pl_module.device, max_items, forward_context
-    )
-
 
 @contextlib.contextmanager
 def own_rng(seed: int, device: torch.device) -> Iterator[None]:
@@ -126,12 +115,3 @@ def own_rng(seed: int, device: torch.device) -> Iterator[None]:
                 torch.cuda.manual_seed(seed)
         yield
 
-
-def labels_available(trainer: Any, callback: Any, what: str) -> bool:
-    """True when the datamodule has labels; otherwise says once per callback that ``what`` is skipped."""
-    if getattr(trainer.datamodule, "has_labels", False):
-        return True
-    if not getattr(callback, "_skip_said", False):
-        rank_zero_info(f"{what} skipped: data has no labels")
-        callback._skip_said = True
-    return False
