@@ -31,14 +31,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.callbacks.image_text import has_text_tower, measure_image_text
+from src.config.command_line import problems_for
+from src.config.compose import CONF_DIR, compose
 from src.nn.knn import knn_top1
 from src.nn.linear_probe import train_linear_probe
 from src.protocols.features import extract_features
 from src.utils.checkpointing import epochs_trained, load_checkpoint, weight_mismatch
-from src.utils.config import CONF_DIR, compose
-from src.utils.errors import UserError
+from src.utils.errors import UserError, fail
 from src.utils.io import write_json_atomic
-from src.utils.preflight import fail, problems_for
 from src.utils.results import format_comparison, format_table
 
 USAGE = ("usage: python -m src.eval path/to/last.ckpt [protocol=knn|linear|finetune|fewshot|plot] [overrides such as "
@@ -188,7 +188,7 @@ def measure(model, views, cfg) -> dict:
 def protocol_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
     """``(protocol names, the other arguments)``: ``protocol=a,b`` is taken out; with one protocol, a bare key of its
     settings (``label_fraction=0.01``) becomes ``protocols.<name>.<key>``. Unknown names are one line."""
-    from src.utils.config import group_options
+    from src.config.compose import group_options
 
     chosen = [a.split("=", 1)[1] for a in argv if a.startswith("protocol=")]
     names = [n.strip() for value in chosen for n in value.split(",") if n.strip()]
@@ -198,7 +198,7 @@ def protocol_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
             raise UserError(f"protocol={name} is not a protocol; allowed: {', '.join(known)}")
     rest = [a for a in argv if not a.startswith("protocol=")]
     if len(names) == 1:
-        from src.utils.schema import top_level_keys
+        from src.config.keys import top_level_keys
 
         fields = set(OmegaConf.load(CONF_DIR / "protocol" / f"{names[0]}.yaml").keys()) - {"_target_"}
         for a in rest:

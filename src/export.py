@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from src.utils.checkpointing import atomic_torch_save
-from src.utils.errors import UserError
+from src.utils.errors import UserError, fail
 from src.utils.io import write_json_atomic
-from src.utils.preflight import fail
 
 FORMATS = ("torchvision", "timm", "state_dict")
 LIBRARY_BACKBONES = {"torchvision": {"ResNet"}, "timm": {"ViT", "TimmBackbone"}}  # state_dict: every backbone

@@ -21,8 +21,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from src.utils.errors import fail
 from src.utils.io import write_text_atomic
-from src.utils.preflight import fail
 from src.utils.sweeps import short_override
 
 SECONDARY = ("_top5", "_train_images", "_ci", "_picture")  # left out of the table unless --all (CIs go in cells)

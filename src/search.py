@@ -21,8 +21,7 @@ import torch
 from src.callbacks.image_text import encode_texts, has_text_tower
 from src.data.datasets import decode, image_files
 from src.utils.checkpointing import atomic_torch_save
-from src.utils.errors import UserError
-from src.utils.preflight import fail
+from src.utils.errors import UserError, fail
 from src.utils.sheet import contact_sheet
 
 

@@ -29,12 +29,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.callbacks.data_health import DataHealth
 from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption
 from src.callbacks.throughput import ThroughputMonitor
+from src.config.command_line import preflight
+from src.config.compose import CONF_DIR, compose
+from src.config.rules import check_config
 from src.utils.checkpointing import AtomicCheckpointIO, finished, resumable_runs
-from src.utils.checks import check_config
-from src.utils.config import CONF_DIR, compose
-from src.utils.errors import RunInterrupted, UserError
+from src.utils.errors import RunInterrupted, UserError, fail
 from src.utils.loggers import build_loggers, finish_loggers, summarise
-from src.utils.preflight import fail, preflight
 from src.utils.results import format_table, write_results
 
 # Lightning notices that are expected here and say nothing to a user of this framework.

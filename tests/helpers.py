@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from src.utils.config import compose, group_options
+from src.config.compose import compose, group_options
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = group_options("method")

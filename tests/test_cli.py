@@ -111,7 +111,7 @@ BAD_INPUTS = {
                                       "needs colour (RGB) images but data=digits has data.channels=1"),
     "jigsaw grid larger than the crop": (["method=jigsaw", "data=digits"], "needs views.crops[0].size >= "),
     "patch grid larger than the crop": (["method=relative_patch", "data=digits"], "needs views.crops[0].size >= "),
-    # keys and types against the code (src/utils/schema.py)
+    # keys and types against the code (src/config/keys.py)
     "wrong type for an integer": (["data.batch_size=abc"], "data.batch_size='abc': expected an integer, got a string"),
     "wrong type for a flag": (["trainer.benchmark=fast"], "trainer.benchmark='fast': expected true or false or null"),
     "value outside the allowed literals": (["trainer.precision=15"], "trainer.precision=15: expected one of 64, 32, 16"),

@@ -191,7 +191,7 @@ def test_imagefolder_takes_its_image_size_from_the_images_and_says_so(tmp_path, 
     them), logged once; views and the stored images follow it; a size given on the command line wins."""
     from hydra.utils import instantiate
 
-    from src.utils.config import compose
+    from src.config.compose import compose
 
     for split in ("train", "val"):
         for c in ("a", "b"):
@@ -214,7 +214,7 @@ def test_imagefolder_takes_its_image_size_from_the_images_and_says_so(tmp_path, 
 
 
 def test_a_missing_size_is_one_line_naming_what_to_set(tmp_path):
-    from src.utils.preflight import problems_for
+    from src.config.command_line import problems_for
 
     (tmp_path / "train" / "a").mkdir(parents=True)
     assert problems_for(["data=imagefolder", f"data.root={tmp_path}"])[0].startswith(f"data.root={tmp_path}: no images")

@@ -10,9 +10,9 @@ import torch
 import torchvision
 from hydra.utils import instantiate
 
+from src.config.compose import compose
 from src.export import main as export_main
 from src.utils.checkpointing import load_checkpoint, model_from_checkpoint
-from src.utils.config import compose
 from tests.helpers import tiny_cfg, to_plain
 
 RESNET = ("method=simclr", "data=fake", "backbone=resnet18", "data.batch_size=16", "data.image_size=16",

@@ -248,7 +248,7 @@ def test_fused_optimizers_only_for_torchs_adam_adamw_sgd_on_cuda_tensors():
 
 
 def test_preflight_reports_the_on_device_refusals_as_one_line_each():
-    from src.utils.preflight import problems_for
+    from src.config.command_line import problems_for
 
     assert problems_for(["data=stl10", "data.root=/tmp", "data.on_device=true"]) == [
         "data.on_device=true cuts batches on the device with no loader workers, but data.num_workers=4; set "

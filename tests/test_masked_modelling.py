@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from src.callbacks.pictures import AttentionMaps
+from src.config.rules import config_problems
 from src.methods.beit import load_tokenizer, tokenizer_problems
 from src.nn.quantizer import VectorQuantizer, nearest_codes
-from src.utils.checks import config_problems
 from src.utils.errors import UserError
 from tests.helpers import tiny_cfg, tiny_tokenizer
 from tests.test_methods import build, fit

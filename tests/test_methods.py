@@ -9,11 +9,11 @@ from hydra.utils import instantiate
 
 import src.methods.base as base
 import src.methods.swav as swav_module
+from src.config.compose import compose
+from src.config.rules import config_problems
 from src.methods.base import SSLMethod
 from src.nn.ema import update_momentum
 from src.nn.multicrop import num_global_views, view_pairs
-from src.utils.checks import config_problems
-from src.utils.config import compose
 from tests.helpers import METHODS, method_class, tiny_cfg, tiny_tokenizer
 
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 import src.nn.patches as patches
+from src.config.compose import compose
+from src.config.rules import config_problems
 from src.nn.patches import (
     MIN_PATCH,
     all_rotations,
@@ -25,8 +27,6 @@ from src.nn.patches import (
     rotate,
     smallest_size,
 )
-from src.utils.checks import config_problems
-from src.utils.config import compose
 from src.utils.errors import UserError
 from tests.helpers import tiny_cfg
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from src.config.compose import compose
+from src.config.rules import config_problems
 from src.nn.color import (
     ab_gamut_bins,
     annealed_mean,
@@ -22,8 +24,6 @@ from src.nn.color import (
 )
 from src.nn.decoders import DenseClassifier, ImageDecoder, feature_map_size
 from src.nn.masks import center_mask, overlap_weights, random_block_masks, shrink
-from src.utils.checks import config_problems
-from src.utils.config import compose
 from tests.helpers import tiny_cfg
 
 CORNERS = [(r, g, b) for r in (0.0, 1.0) for g in (0.0, 1.0) for b in (0.0, 1.0)]

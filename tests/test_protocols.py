@@ -208,7 +208,7 @@ def test_eval_figures_join_the_wandb_run_of_the_checkpoints_run(tmp_path, monkey
     import wandb
     from PIL import Image
 
-    from src.utils.config import compose
+    from src.config.compose import compose
     from src.utils.loggers import log_to_run_wandb
 
     seen = {}

@@ -7,9 +7,9 @@ import lightning as L
 import pytest
 import torch
 
+from src.config.compose import CONF_DIR, compose, group_options
+from src.config.rules import config_problems
 from src.nn.optim import LARS
-from src.utils.checks import config_problems
-from src.utils.config import CONF_DIR, compose, group_options
 from tests.test_methods import build, fit
 
 EXPERIMENTS = group_options("experiment")

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from src.config.command_line import preflight
+from src.config.compose import compose
 from src.utils import loggers as loggers_module
-from src.utils.config import compose
-from src.utils.preflight import preflight
 from src.utils.sweeps import collect_trials, log_trials_to_wandb, shared_overrides, trials_markdown
 from tests.helpers import run_cli, tiny_cfg
 

@@ -1,13 +1,13 @@
-"""Config keys and value types against the constructors that receive them (src/utils/schema.py)."""
+"""Config keys and value types against the constructors that receive them (src/config/keys.py)."""
 
 from typing import Literal
 
 import pytest
 from hydra.utils import get_class
 
-from src.utils.checks import config_problems
-from src.utils.config import compose, group_options
-from src.utils.schema import _matches, accepted_parameters, describe, schema_problems
+from src.config.compose import compose, group_options
+from src.config.keys import _matches, accepted_parameters, describe, schema_problems
+from src.config.rules import config_problems
 
 
 def _compose_method(method: str):

@@ -7,9 +7,9 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from src.config.compose import compose
+from src.config.rules import config_problems
 from src.data.transfer import TRANSFER
-from src.utils.checks import config_problems
-from src.utils.config import compose
 from src.utils.errors import UserError
 
 

@@ -13,10 +13,10 @@ from timm.models.vision_transformer import VisionTransformer
 from src.backbones.resnet import ResNet
 from src.backbones.timm_model import TimmBackbone
 from src.backbones.vit import ViT
+from src.config.compose import compose
+from src.config.rules import config_problems
 from src.nn.masks import beit_block_bounds, block_mask, block_masks, num_visible, random_masking
 from src.nn.tokens import patchify, sincos_1d, sincos_2d, unpatchify
-from src.utils.checks import config_problems
-from src.utils.config import compose
 from src.utils.errors import UserError
 
 

@@ -20,8 +20,8 @@ import time
 import torch
 from hydra.utils import instantiate
 
+from src.config.compose import compose
 from src.nn.masks import random_masking
-from src.utils.config import compose
 
 DEFAULT_SETTINGS = ["vit_cpu:28:256", "vit_small:224:16"]
 

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.utils.config import compose, group_options
+from src.config.compose import compose, group_options
 from src.utils.io import write_text_atomic
 
 # Per-method Hydra overrides that fit the paper configs to a 400-step CPU budget on 10,240 images; every

@@ -44,10 +44,10 @@ import torch
 from omegaconf import DictConfig
 
 from src.callbacks.throughput import ThroughputMonitor, peak_memory, synced_clock
+from src.config.compose import compose
+from src.config.rules import check_config
 from src.nn.ema import update_momentum
 from src.train import build_callbacks, build_parts, build_trainer
-from src.utils.checks import check_config
-from src.utils.config import compose
 from src.utils.io import write_text_atomic
 from src.utils.loggers import build_loggers, finish_loggers
 

@@ -181,7 +181,7 @@ def _to_float(images: Tensor) -> Tensor:
     raise ValueError(f"views: expected uint8 or float images, got {images.dtype}")
 
 
-def _parse_group(i: int, group) -> dict:
+def parse_crop_group(i: int, group) -> dict:
     """Fill defaults, convert to plain Python types and check ranges of one crop group."""
     g = dict(group)
     name = f"views.crops[{i}]"
@@ -238,7 +238,7 @@ class Views(torch.nn.Module):
         super().__init__()
         if len(crops) == 0:
             raise ValueError("views.crops=[]: must hold at least one crop group")
-        self.groups = [_parse_group(i, g) for i, g in enumerate(crops)]
+        self.groups = [parse_crop_group(i, g) for i, g in enumerate(crops)]
         mean, std = [float(m) for m in mean], [float(s) for s in std]
         if len(mean) != len(std) or len(mean) not in (1, 3):
             raise ValueError(f"views.mean={mean}, views.std={std}: must have the same length, 1 or 3")

@@ -1,4 +1,9 @@
-"""The one exception type for mistakes a user can fix; the CLI prints it as one line and exits 2."""
+"""The one exception type for mistakes a user can fix, and how every command reports them: one ``error:`` line per
+problem on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
 
 
 class UserError(Exception):
@@ -11,3 +16,10 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = int(signum)
+
+
+def fail(problems: list[str]) -> None:
+    """Print each problem as one ``error:`` line on stderr and exit with code 2."""
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    sys.exit(2)

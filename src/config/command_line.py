@@ -10,14 +10,13 @@ import difflib
 import itertools
 import re
 import shutil
-import sys
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from src.utils.checks import config_problems, objective_problems, walk_leaves
-from src.utils.config import compose, config_groups, group_options
-from src.utils.errors import UserError
+from src.config.compose import compose, config_groups, group_options
+from src.config.rules import config_problems, objective_problems, walk_leaves
+from src.utils.errors import UserError, fail
 
 MAX_COMBINATIONS = 256
 
@@ -180,8 +179,3 @@ def preflight(argv: list[str]) -> None:
     if problems:
         fail(problems)
 
-
-def fail(problems: list[str]) -> None:
-    for p in problems:
-        print(f"error: {p}", file=sys.stderr)
-    sys.exit(2)

@@ -17,6 +17,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("lt", lambda a, b: a < b)  # e.g. cifar_stem: ${lt:${data.crop_size},100}
     if not OmegaConf.has_resolver("scale_int"):  # e.g. a local crop 96/224 of the global one
         OmegaConf.register_new_resolver("scale_int", lambda a, f: max(1, round(a * f)))
+    if not OmegaConf.has_resolver("round_to"):  # e.g. a local crop of whole ViT patches: ${round_to:96.3,16} = 96
+        OmegaConf.register_new_resolver("round_to", lambda a, m: max(int(m), int(m) * round(a / m)))
     if not OmegaConf.has_resolver("vit_patch"):  # ViT patch size that follows the crop: 16 at 224 px, 8 at 96, 4 at 32
         OmegaConf.register_new_resolver("vit_patch", lambda crop: 16 if crop >= 160 else 8 if crop >= 64 else 4)
     if not OmegaConf.has_resolver("size_of_images"):  # data=imagefolder's image_size: ${size_of_images:root,train_dir}

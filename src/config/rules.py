@@ -1,6 +1,6 @@
 """Config checks that run before any compute: every problem as one line naming the key and the fix.
 
-In order: secrets in the config, keys and value types against the code (:mod:`src.utils.schema`), positive
+In order: secrets in the config, keys and value types against the code (:mod:`src.config.keys`), positive
 sizes and rates, then rules between fields (crops vs image size, devices, batch vs samples, the method's own
 rules). Problems of one kind are all reported at once; rules between fields run only when every value has
 the right type (they would trip over a string where a number belongs).
@@ -16,8 +16,8 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from src.config.keys import schema_problems
 from src.utils.errors import UserError
-from src.utils.schema import schema_problems
 
 POSITIVE_KEYS = ("lr", "temperature", "batch_size", "eval_batch_size", "max_epochs", "image_size", "crop_size",
                  "proj_dim", "proj_hidden_dim", "size")
@@ -91,7 +91,7 @@ def positive_problems(cfg: DictConfig, skip: set[str]) -> list[str]:
 
 
 def view_problems(cfg: DictConfig, crop_size_reported: bool, reported: set[str]) -> list[str]:
-    from src.data.views import _parse_group
+    from src.data.views import parse_crop_group
 
     problems = []
     data, crops = cfg.data, cfg.views.get("crops", [])
@@ -107,7 +107,7 @@ def view_problems(cfg: DictConfig, crop_size_reported: bool, reported: set[str])
         if any(k.startswith(f"views.crops.{i}.") for k in reported):
             continue  # an unknown key in this group is reported already
         try:
-            _parse_group(i, OmegaConf.to_container(group, resolve=True))
+            parse_crop_group(i, OmegaConf.to_container(group, resolve=True))
         except ValueError as e:  # ranges: probabilities in [0, 1], num >= 1, ordered [min, max] pairs ...
             problems.append(str(e))
     return problems

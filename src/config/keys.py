@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from src.utils.config import CONF_DIR, config_groups
+from src.config.compose import CONF_DIR, config_groups
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
