@@ -58,3 +58,65 @@ def test_teachers_run_without_stochastic_depth(name):
         for m in target.modules():
             assert getattr(m, "drop_prob", 0.0) == 0.0, m
             assert not isinstance(m, nn.modules.dropout._DropoutNd) or m.p == 0.0, m
+
+
+# ---- MoCo v3 (facebookresearch/moco-v3: moco/builder.py, vits.py, main_moco.py) ------------------------------------
+def test_moco_v3_heads_follow_the_reference_builder():
+    """_build_mlp: no linear has a bias; the projector ends in BatchNorm1d(affine=False) (3 layers on a ViT, 2 on a
+    ResNet); the predictor ends in BatchNorm1d(affine=False) on a ViT only (MoCo_ViT passes last_bn=True)."""
+    for vit, layers in ((True, 3), (False, 2)):
+        method = build(tiny_cfg("moco_v3", vit=vit))
+        for mlp in (method.projector, method.predictor):
+            assert all(m.bias is None for m in mlp if isinstance(m, nn.Linear)), mlp
+        assert sum(isinstance(m, nn.Linear) for m in method.projector) == layers
+        for mlp, ends_in_bn in ((method.projector, True), (method.predictor, vit)):
+            last = mlp[-1]
+            assert isinstance(last, nn.BatchNorm1d) == ends_in_bn, (vit, mlp)
+            assert not ends_in_bn or not last.affine
+
+
+def test_moco_v3_vit_starts_from_the_reference_initialisation():
+    """vits.py: the frozen patch projection uniform in +-sqrt(6 / (3 p^2 + D)), biases 0, every linear
+    Xavier-uniform with q, k, v treated as three matrices, the CLS token N(0, 1e-6)."""
+    torch.manual_seed(0)
+    method = build(tiny_cfg("moco_v3", "backbone.embed_dim=64", "backbone.freeze_patch_embed=true", vit=True))
+    net = method.backbone.net
+    proj = net.patch_embed.proj.weight  # 64 x 3 x 4 x 4
+    bound = (6 / (3 * 4 * 4 + 64)) ** 0.5
+    assert not proj.requires_grad
+    assert proj.abs().max() <= bound and proj.abs().max() > 0.95 * bound  # uniform over the whole range
+    assert abs(proj.std().item() - bound / 3**0.5) < 0.1 * bound  # std of U(-b, b)
+    assert net.patch_embed.proj.bias.abs().max() == 0
+    qkv = net.blocks[0].attn.qkv.weight  # 192 x 64
+    qkv_bound = (6 / (64 + 64)) ** 0.5  # each of q, k, v is 64 x 64 (not 192 x 64: bound 0.153)
+    assert 0.95 * qkv_bound < qkv.abs().max() <= qkv_bound
+    fc1 = net.blocks[0].mlp.fc1.weight  # 256 x 64
+    fc1_bound = (6 / (256 + 64)) ** 0.5
+    assert 0.95 * fc1_bound < fc1.abs().max() <= fc1_bound
+    assert all(m.bias.abs().max() == 0 for m in net.modules() if isinstance(m, nn.Linear))
+    assert net.cls_token.abs().max() < 1e-5
+    # the momentum encoder starts as a copy of it
+    torch.testing.assert_close(method.backbone_k.net.patch_embed.proj.weight, proj, rtol=0, atol=0)
+
+
+def test_moco_v3_leaves_a_weights_file_alone(tmp_path):
+    from src.backbones.vit import ViT
+
+    torch.manual_seed(3)
+    source = ViT(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    path = tmp_path / "vit.pth"
+    torch.save(source.net.state_dict(), path)
+    method = build(tiny_cfg("moco_v3", f"backbone.pretrained={path}", vit=True))
+    torch.testing.assert_close(method.backbone.net.blocks[0].attn.qkv.weight, source.net.blocks[0].attn.qkv.weight)
+
+
+def test_moco_v3_weight_decay_groups_follow_the_optimizer():
+    """main_moco.py gives AdamW every parameter (weight decay on all of them); its LARS skips 1-D parameters."""
+    import lightning as L
+
+    for optimizer, groups in (("torch.optim.AdamW", 1), ("src.nn.optim.LARS", 2)):
+        L.seed_everything(0)
+        method = build(tiny_cfg("moco_v3", f"method.optimizer._target_={optimizer}", vit=True))
+        found = method.param_groups()
+        assert len(found) == groups
+        assert sum(len(g["params"]) for g in found) == sum(p.requires_grad for p in method.parameters())

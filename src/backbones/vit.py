@@ -52,6 +52,7 @@ class ViT(nn.Module):
         self.patch_size, self.out_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.base_grid = (img_size // patch_size, img_size // patch_size)
         self.pool = pool
+        self.pretrained = pretrained  # a weights file was loaded: methods that initialise the ViT leave it (MoCo v3)
         if pos_embed == "sincos":
             with torch.no_grad():
                 self.net.pos_embed.zero_()

@@ -14,10 +14,13 @@ class MLP(nn.Sequential):
 
     ``num_layers=1`` is the linear head of MoCo v1; 2 is SimCLR's / MoCo v2's MLP head;
     ``last_bn`` adds a BatchNorm without affine on the output (SimSiam, MoCo v3, NNCLR).
+    Hidden linears have a bias only without BatchNorm; the last one has one unless ``last_bias`` says otherwise
+    (default: no bias before ``last_bn``; MoCo v3's predictor has none in either case).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
-                 batch_norm: bool = True, last_bn: bool = False, activation: str = "relu"):
+                 batch_norm: bool = True, last_bn: bool = False, activation: str = "relu",
+                 last_bias: bool | None = None):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         layers: list[nn.Module] = []
@@ -27,7 +30,7 @@ class MLP(nn.Sequential):
             layers += [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
             layers += [ACTIVATIONS[activation]()]
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+        layers.append(nn.Linear(dim, out_dim, bias=not last_bn if last_bias is None else last_bias))
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
