@@ -131,6 +131,27 @@ def _worker(rank, world, port, out_dir):
         result["queue_head"] = moco.queue.features[:GLOBAL_BATCH].clone()
         result["queue_ptr"] = int(moco.queue.ptr)
 
+        # MoCo's shuffled BatchNorm as hardware=ddp runs it (every BatchNorm converted to SyncBatchNorm first): which
+        # images of the global batch of 16 each local key depends on, found by changing one image at a time
+        torch.manual_seed(0)
+        cfg = tiny_cfg("moco_v1")
+        moco = nn.SyncBatchNorm.convert_sync_batchnorm(instantiate(cfg.method, backbone=instantiate(cfg.backbone),
+                                                                   views=instantiate(cfg.views))).train()
+        images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            torch.manual_seed(0)
+            base = moco.keys(images[rank * 8 : (rank + 1) * 8])
+            deps = [set() for _ in range(8)]
+            for j in range(16):
+                changed = images.clone()
+                changed[j] += 1.0
+                torch.manual_seed(0)  # the same permutation (drawn on rank 0, broadcast)
+                moved = (moco.keys(changed[rank * 8 : (rank + 1) * 8]) - base).abs().amax(1) > 1e-6
+                for i in moved.nonzero().flatten().tolist():
+                    deps[i].add(j)
+        result["moco_key_deps"] = deps
+        result["moco_query_synced"] = any(isinstance(m, nn.SyncBatchNorm) for m in moco.backbone.modules())
+
         # shuffled BatchNorm: shuffle then unshuffle of the identity returns this rank's own rows
         x = torch.arange(n, dtype=torch.float32).unsqueeze(1) + 100 * rank
         shuffled, undo = du.batch_shuffle(x)
@@ -186,6 +207,19 @@ def test_moco_queue_receives_keys_from_both_processes(two_ranks):
 def test_batch_shuffle_round_trip(two_ranks):
     for r in two_ranks:
         torch.testing.assert_close(r["unshuffled"], r["x"])
+
+
+def test_moco_keys_are_normalised_per_process_after_a_cross_process_shuffle(two_ranks):
+    """The reference's shuffled BatchNorm: the global key batch is permuted across processes and each process
+    normalises its slice alone (per-GPU BatchNorm, not SyncBatchNorm, although the query encoder is converted): a key
+    depends on the 8 images of the slice it was shuffled into, not on its own process's images nor on all 16."""
+    for rank, r in enumerate(two_ranks):
+        assert r["moco_query_synced"]
+        deps, own = r["moco_key_deps"], set(range(rank * 8, rank * 8 + 8))
+        assert all(len(d) == 8 and rank * 8 + i in d for i, d in enumerate(deps)), deps
+        assert any(d != own for d in deps), "the shuffle must cross processes"
+    slices = {frozenset(d) for r in two_ranks for d in r["moco_key_deps"]}
+    assert len(slices) == 2 and set().union(*slices) == set(range(16))
 
 
 def test_helpers_are_identities_at_world_size_one():

@@ -120,3 +120,69 @@ def test_moco_v3_weight_decay_groups_follow_the_optimizer():
         found = method.param_groups()
         assert len(found) == groups
         assert sum(len(g["params"]) for g in found) == sum(p.requires_grad for p in method.parameters())
+
+
+# ---- MoCo v1/v2 shuffled BatchNorm (facebookresearch/moco: moco/builder.py, colab demo's SplitBatchNorm) ---------
+def dependence(fn, x: torch.Tensor, seed: int = 0) -> list[set[int]]:
+    """For each row i of fn(x), the rows j of x whose change changes it (batch statistics couple rows). fn runs under
+    the same seed each time, so a shuffle draws the same permutation."""
+    torch.manual_seed(seed)
+    base = fn(x)
+    deps = [set() for _ in range(x.shape[0])]
+    for j in range(x.shape[0]):
+        y = x.clone()
+        y[j] += torch.randn_like(y[j])
+        torch.manual_seed(seed)
+        moved = (fn(y) - base).abs().flatten(1).amax(1) > 1e-6
+        for i in moved.nonzero().flatten().tolist():
+            deps[i].add(j)
+    return deps
+
+
+def test_moco_key_and_query_are_normalised_with_different_images_on_one_device():
+    """MoCo sec. 3.3: the batch statistics of a query and of its positive key must come from different subsets.
+    One device: the key batch is permuted and normalised in groups (bn_splits=4: groups of 4 of 16), the query with
+    its whole batch; a key depends on the 3 other images of its random group only."""
+    torch.manual_seed(0)
+    method = build(tiny_cfg("moco_v1", "method.bn_splits=4")).train()
+    x = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        keys = dependence(method.keys, x)
+        queries = dependence(lambda v: method.projector(method.backbone(v)), x)
+    assert all(len(d) == 4 and i in d for i, d in enumerate(keys)), keys
+    assert all(q == set(range(16)) for q in queries)
+    assert all(k != q for k, q in zip(keys, queries, strict=True))
+    assert any(keys[i] != set(range(i // 4 * 4, i // 4 * 4 + 4)) for i in range(16)), "groups must be shuffled"
+    assert len({frozenset(d) for d in keys}) == 4  # a partition into 4 groups
+    # the keys themselves are the key encoder's output, unpermuted: each equals the encoder on its own group
+    from src.nn.ema import SplitBatchNorm
+
+    torch.manual_seed(0)
+    k = method.keys(x)
+    for m in method.modules():
+        if isinstance(m, SplitBatchNorm):
+            m.splits = 1
+    for group in {frozenset(d) for d in keys}:
+        idx = sorted(group)
+        alone = method.keys(x[idx])  # the 4 images as one group, in any order
+        torch.testing.assert_close(k[idx], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_moco_key_encoder_is_never_synchronised():
+    """hardware=ddp converts BatchNorm to SyncBatchNorm; the reference runs per-GPU BatchNorm on the shuffled keys,
+    so the key encoder keeps its own (per process) normalisation while the query encoder is converted."""
+    method = build(tiny_cfg("moco_v2"))
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.backbone.modules())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.backbone_k.modules())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.projector_k.modules())
+
+
+def test_moco_v2_head_is_the_references_mlp():
+    """moco/builder.py (mlp=True): Linear(2048, 2048) - ReLU - Linear(2048, 128), both with bias, no BatchNorm;
+    v1: one biased Linear."""
+    v2, v1 = build(tiny_cfg("moco_v2")), build(tiny_cfg("moco_v1"))
+    assert [type(m) for m in v2.projector] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert all(m.bias is not None for m in v2.projector if isinstance(m, nn.Linear))
+    assert [type(m) for m in v1.projector] == [nn.Linear] and v1.projector[0].bias is not None
+    assert len(v2.param_groups()) == 1  # SGD with weight decay on every parameter (main_moco.py)

@@ -62,10 +62,12 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MoCo's shuffled BatchNorm: permute the global batch across ranks; returns (local slice, undo index).
 
-    At world size 1 this is a no-op permutation (BatchNorm sees the same batch either way).
+    At world size 1 the batch is permuted too: MoCo's key encoder then normalises groups of it
+    (:class:`src.nn.ema.SplitBatchNorm`), so a key is normalised with other images than its query.
     """
     if not is_distributed():
-        return x, torch.arange(x.shape[0], device=x.device)
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return x[perm], torch.argsort(perm)
     local = x.shape[0]
     x_all = gather(x)  # (world * B, ...)
     perm = torch.randperm(x_all.shape[0], device=x.device)
