@@ -276,3 +276,79 @@ def test_eval_view():
     out = Views([dict(size=8)], [0.0] * 3, [1.0] * 3, eval_size=8).eval_view(ramp)
     ref = torch.nn.functional.interpolate(ramp.float() / 255, size=(8, 12), mode="bilinear", antialias=True)
     torch.testing.assert_close(out, ref[..., 2:10], atol=1e-6, rtol=0)
+
+
+def _ks(u: torch.Tensor, v: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov distance: the largest gap between the empirical CDFs."""
+    grid = torch.cat([u, v]).sort().values
+    cdf = lambda s: torch.searchsorted(s.sort().values, grid, right=True) / len(s)  # noqa: E731
+    return float((cdf(u) - cdf(v)).abs().max())
+
+
+@pytest.mark.parametrize("height, width", [(224, 224), (160, 240)])
+def test_crop_boxes_follow_torchvision_random_resized_crop(height, width):
+    """crop_boxes draws the boxes of torchvision's RandomResizedCrop.get_params (10 tries, then the central crop),
+    not clamped ones (which made crops larger: mean area 0.53 instead of 0.48 at scale 0.08-1). Fixed seeds, 10,000
+    boxes each: the KS distances of area and aspect ratio stay under 0.03 (the 0.1% critical value is 0.028; the
+    clamped sampler was at 0.12 and 0.27)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from src.data.views import crop_boxes
+
+    n, scale, ratio = 10_000, (0.08, 1.0), (3 / 4, 4 / 3)
+    torch.manual_seed(0)
+    ref = torch.tensor([RandomResizedCrop.get_params(torch.empty(1, height, width), list(scale), list(ratio))
+                        for _ in range(n)], dtype=torch.float32)  # i, j, h, w
+    ref_area, ref_ratio = ref[:, 2] * ref[:, 3] / (height * width), ref[:, 3] / ref[:, 2]
+    torch.manual_seed(1)
+    x0, y0, w, h = crop_boxes(n, height, width, scale, ratio)
+    area, aspect = w * h / (height * width), w / h
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= width + 1e-3).all() and (y0 + h <= height + 1e-3).all()
+    assert abs(float(area.mean() - ref_area.mean())) < 0.015
+    assert abs(float((area > 0.9).float().mean() - (ref_area > 0.9).float().mean())) < 0.01
+    assert _ks(area, ref_area) < 0.03 and _ks(aspect, ref_ratio) < 0.03
+
+
+def test_crop_boxes_fall_back_to_the_central_crop():
+    from src.data.views import crop_boxes
+
+    x0, y0, w, h = crop_boxes(4, 100, 10, (0.9, 1.0), (1.0, 1.0))  # no square of 90% of a 10 x 100 image fits
+    for t, v in ((x0, 0.0), (y0, 45.0), (w, 10.0), (h, 10.0)):
+        torch.testing.assert_close(t, torch.full((4,), v))
+
+
+def test_color_jitter_applies_each_samples_own_order():
+    """torchvision's ColorJitter applies brightness, contrast, saturation and hue in a random order per image
+    (SimCLR's and BYOL's code too): row i of ``order`` is the sequence for sample i, equal to the ops one by one."""
+    torch.manual_seed(0)
+    x = torch.rand(24, 3, 8, 8)
+    b, c, s = (0.4 + 1.2 * torch.rand(24) for _ in range(3))
+    h = torch.rand(24) * 0.4 - 0.2
+    order = torch.rand(24, 4).argsort(dim=1)
+    out = color_jitter(x, b, c, s, h, order)
+    ops = [lambda t, i: color_jitter(t, brightness=b[i:i + 1]), lambda t, i: color_jitter(t, contrast=c[i:i + 1]),
+           lambda t, i: color_jitter(t, saturation=s[i:i + 1]), lambda t, i: color_jitter(t, hue=h[i:i + 1])]
+    for i in range(24):
+        y = x[i:i + 1]
+        for k in order[i].tolist():
+            y = ops[k](y, i)
+        torch.testing.assert_close(out[i:i + 1], y, atol=1e-5, rtol=0)
+    fixed = color_jitter(x, b, c, s, h)  # no order: brightness, contrast, saturation, hue
+    torch.testing.assert_close(fixed, color_jitter(x, b, c, s, h, torch.arange(4).expand(24, 4)))
+    assert not torch.allclose(out, fixed)
+    gray = torch.rand(6, 1, 8, 8)  # one channel: brightness and contrast in their order, the rest skipped
+    torch.testing.assert_close(color_jitter(gray, b[:6], c[:6], s[:6], h[:6], torch.tensor([[1, 0, 2, 3]] * 6)),
+                               color_jitter(color_jitter(gray, contrast=c[:6]), brightness=b[:6]))
+
+
+def test_grayscale_before_jitter_as_moco_v1():
+    """MoCo v1 converts to grayscale before the jitter: a hue shift then changes nothing; after the jitter it does."""
+    img = _images(b=8, c=3, h=16, w=16)
+    cfg = {**PLAIN, "jitter_p": 1.0, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0.5, "gray_p": 1.0}
+    first = Views([dict(size=16, **cfg, gray_before_jitter=1.0)], MEAN3, STD3)(img)[0]
+    plain = Views([dict(size=16, **{**cfg, "hue": 0.0})], MEAN3, STD3)(img)[0]
+    after = Views([dict(size=16, **cfg)], MEAN3, STD3)(img)[0]
+    torch.testing.assert_close(first, plain, atol=1e-5, rtol=0)
+    assert not torch.allclose(after, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="gray_before_jitter"):
+        Views([dict(size=16, gray_before_jitter=0.5)], MEAN3, STD3)

@@ -18,7 +18,7 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601
 DEFAULTS = dict(
     num=1, size=None, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip_p=0.5, vflip_p=0.0, rot90_p=0.0, jitter_p=0.8,
     brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, gray_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0),
-    blur_kernel_frac=0.1, solarize_p=0.0, solarize_threshold=0.5,
+    blur_kernel_frac=0.1, solarize_p=0.0, solarize_threshold=0.5, random_jitter_order=1.0, gray_before_jitter=0.0,
 )  # fmt: skip
 
 
@@ -38,6 +38,34 @@ def _where_p(x: Tensor, p: float, fn: Callable[[Tensor], Tensor]) -> Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), y, x)
 
 
+def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+               device: torch.device | str = "cpu", tries: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``n`` random resized crop boxes (x0, y0, w, h), each (n,) float32 in pixels, drawn as torchvision's
+    ``RandomResizedCrop.get_params`` draws one: up to ``tries`` times an area fraction ~ U(scale) and an aspect
+    ratio w/h log-uniform in ``ratio``, the first box that fits in the image is kept; when none fits, the central
+    crop (the whole image, or its largest central box with the nearest allowed ratio). The box is placed uniformly
+    inside the image. All tries are drawn at once; sizes and positions stay continuous (torchvision rounds them to
+    whole pixels)."""
+    area = _uniform(scale[0], scale[1], n * tries, device).view(n, tries) * (height * width)
+    aspect = torch.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), n * tries, device)).view(n, tries)
+    w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+    fits = (w <= width) & (h <= height)  # n x tries
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first try that fits (0 when none does)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    found = fits.any(dim=1)
+    in_ratio = width / height  # no box fits: torchvision's central crop
+    if in_ratio < ratio[0]:
+        cw, ch = float(width), width / ratio[0]
+    elif in_ratio > ratio[1]:
+        cw, ch = height * ratio[1], float(height)
+    else:
+        cw, ch = float(width), float(height)
+    w, h = torch.where(found, w, cw), torch.where(found, h, ch)
+    x0 = torch.where(found, torch.rand(n, device=device) * (width - w), (width - w) / 2)
+    y0 = torch.where(found, torch.rand(n, device=device) * (height - h), (height - h) / 2)
+    return x0, y0, w, h
+
+
 def random_resized_crop_flip(
     x: Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float], flip_p: float,
     vflip_p: float = 0.0, rot90_p: float = 0.0,
@@ -45,8 +73,9 @@ def random_resized_crop_flip(
     """Per-sample random resized crop + horizontal flip (+ vertical flip, + rotation by 90, 180 or 270 degrees)
     as one affine grid. (B, C, H, W) -> (B, C, size, size).
 
-    Area fraction ~ U(scale), aspect ratio w/h log-uniform in ``ratio``; width and height are clamped to
-    the image (no retries) and the crop is placed uniformly inside it. Bilinear, align_corners=False.
+    The box is torchvision's ``RandomResizedCrop.get_params`` drawn for every sample at once (:func:`crop_boxes`):
+    area fraction ~ U(scale), aspect ratio w/h log-uniform in ``ratio``, up to 10 tries for a box that fits, else
+    the central crop; it is placed uniformly inside the image. Bilinear, align_corners=False.
     ``vflip_p``: probability of a vertical flip; ``rot90_p``: probability of a rotation by k x 90 degrees, k
     uniform in {1, 2, 3} (rot90_p = 0.75 makes all four orientations equally likely). The square output grid
     maps onto itself under these, so a full-image view is an exact flip or rotation. Without them
@@ -54,12 +83,7 @@ def random_resized_crop_flip(
     """
     B, C, H, W = x.shape
     dev = x.device
-    area = _uniform(scale[0], scale[1], B, dev) * (H * W)
-    aspect = torch.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), B, dev))
-    w = torch.sqrt(area * aspect).clamp(max=W)
-    h = torch.sqrt(area / aspect).clamp(max=H)
-    x0 = torch.rand(B, device=dev) * (W - w)
-    y0 = torch.rand(B, device=dev) * (H - h)
+    x0, y0, w, h = crop_boxes(B, H, W, scale, ratio, dev)
     flip = torch.where(torch.rand(B, device=dev) < flip_p, -1.0, 1.0)
     vflip = torch.where(torch.rand(B, device=dev) < vflip_p, -1.0, 1.0) if vflip_p > 0 else torch.ones(B, device=dev)
     k = torch.zeros(B, dtype=torch.long, device=dev)
@@ -114,28 +138,46 @@ def color_jitter(
     contrast: Tensor | None = None,
     saturation: Tensor | None = None,
     hue: Tensor | None = None,
+    order: Tensor | None = None,
 ) -> Tensor:
-    """Colour jitter with per-sample (B,) parameters, in the fixed order brightness, contrast, saturation, hue.
+    """Colour jitter with per-sample (B,) parameters: brightness, contrast, saturation and hue in the order of each
+    sample's row of ``order`` (B, 4), a permutation of 0-3 naming them in that sequence (torchvision's ColorJitter
+    draws one per image), or in that fixed order when ``order`` is None.
 
     brightness / contrast / saturation are multiplicative factors (1 = identity); contrast blends with
     the per-image mean of the luma, saturation with the per-pixel luma; hue is a shift in turns
     (0 = identity) in HSV space (see ``shift_hue``). ``None`` skips that op. Results are clamped to
     [0, 1] after each op (as torchvision does). For C == 1, saturation and hue are skipped.
+
+    Batched without a loop over samples: the three blends are one blend whose target (0, the mean luma or the
+    luma) and factor are chosen per sample, run at each position where some sample may need one before its hue
+    shift and again after it; the hue shift, the costly op, runs once for all samples.
     """
+    B, dev = x.shape[0], x.device
+    rgb = x.shape[1] == 3
+    ones = torch.ones(B, device=dev)
+    factors = torch.stack([f if f is not None else ones for f in (brightness, contrast, saturation)]
+                          + [ones], dim=1)  # B x 4, the hue column unused
+    active = torch.tensor([brightness is not None, contrast is not None, saturation is not None and rgb, False],
+                          device=dev)
+    if order is None:
+        order = torch.arange(4, device=dev).expand(B, 4)
+    hue_at = (order == 3).int().argmax(dim=1)  # B: the position of the hue shift
 
-    def blend(a: Tensor, b: Tensor, f: Tensor) -> Tensor:
-        return (b + f.view(-1, 1, 1, 1) * (a - b)).clamp(0, 1)
+    def blend_step(x: Tensor, op: Tensor, when: Tensor) -> Tensor:
+        luma = grayscale(x)  # B x 1 x H x W
+        target = torch.where((op == 2).view(-1, 1, 1, 1), luma,
+                             torch.where((op == 1).view(-1, 1, 1, 1), luma.mean((1, 2, 3), keepdim=True), 0.0))
+        f = factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1)
+        y = (target + f * (x - target)).clamp(0, 1)
+        return torch.where((when & active[op]).view(-1, 1, 1, 1), y, x)
 
-    if brightness is not None:
-        x = (x * brightness.view(-1, 1, 1, 1)).clamp(0, 1)
-    if contrast is not None:
-        x = blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), contrast)
-    if x.shape[1] == 1:
-        return x
-    if saturation is not None:
-        x = blend(x, grayscale(x), saturation)
-    if hue is not None:
+    for t in range(3):  # the blends a sample makes before its hue shift
+        x = blend_step(x, order[:, t], t < hue_at)
+    if hue is not None and rgb:
         x = shift_hue(x, hue).clamp(0, 1)
+    for t in range(1, 4):  # and after it
+        x = blend_step(x, order[:, t], t > hue_at)
     return x
 
 
@@ -209,6 +251,8 @@ def parse_crop_group(i: int, group) -> dict:
     check(g["size"] > 0, "size", "> 0")
     for key in ("flip_p", "vflip_p", "rot90_p", "jitter_p", "gray_p", "blur_p", "solarize_p", "solarize_threshold"):
         check(0 <= g[key] <= 1, key, "in [0, 1]")
+    for key in ("random_jitter_order", "gray_before_jitter"):
+        check(g[key] in (0.0, 1.0), key, "0 or 1")
     check(0 < g["scale"][0] <= g["scale"][1] <= 1, "scale", "[min, max] with 0 < min <= max <= 1")
     check(0 < g["ratio"][0] <= g["ratio"][1], "ratio", "[min, max] with 0 < min <= max")
     check(0 < g["blur_sigma"][0] <= g["blur_sigma"][1], "blur_sigma", "[min, max] with 0 < min <= max")
@@ -226,9 +270,11 @@ class Views(torch.nn.Module):
 
     ``crops`` is a list of groups (dicts, or OmegaConf configs); group j yields ``num`` views of shape
     (B, C, size, size) and the output list holds the views of group 0 first, then group 1, ... Per view:
-    random resized crop + flips + 90-degree rotations (one affine grid), colour jitter (p=jitter_p; fixed order brightness,
-    contrast, saturation, hue; hue shifted in HSV), random grayscale (ITU-R 601 luma, keeps 3 channels),
-    Gaussian blur, solarisation, clamp to [0, 1], normalisation with ``mean`` / ``std``.
+    random resized crop + flips + 90-degree rotations (one affine grid), colour jitter (p=jitter_p; brightness, contrast,
+    saturation and hue in a random order per sample as torchvision's ColorJitter, or ``random_jitter_order: 0`` in that
+    fixed order; hue shifted in HSV), random grayscale (ITU-R 601 luma, keeps 3 channels; before the jitter with
+    ``gray_before_jitter: 1``, MoCo v1's order), Gaussian blur, solarisation, clamp to [0, 1], normalisation with
+    ``mean`` / ``std``.
 
     Grayscale images (C == 1): brightness and contrast apply; saturation, hue and random grayscale are
     skipped. Outputs are float32; computation runs on the images' device under ``torch.no_grad()``.
@@ -274,10 +320,14 @@ class Views(torch.nn.Module):
         def jitter(t: Tensor) -> Tensor:
             b, c = factor(g["brightness"], 1.0), factor(g["contrast"], 1.0)
             s, h = factor(g["saturation"], 1.0), factor(g["hue"], 0.0)
-            return color_jitter(t, b, c, s, h)
+            order = torch.rand(B, 4, device=dev).argsort(dim=1) if g["random_jitter_order"] else None
+            return color_jitter(t, b, c, s, h, order)
 
+        if g["gray_before_jitter"]:  # MoCo v1's order: RandomGrayscale, then ColorJitter
+            x = random_grayscale(x, g["gray_p"])
         x = _where_p(x, g["jitter_p"], jitter)
-        x = random_grayscale(x, g["gray_p"])
+        if not g["gray_before_jitter"]:
+            x = random_grayscale(x, g["gray_p"])
         sigma = g["blur_sigma"]
         x = _where_p(x, g["blur_p"], lambda t: gaussian_blur(t, _uniform(*sigma, B, dev), g["kernel_size"]))
         x = _where_p(x, g["solarize_p"], lambda t: solarize(t, g["solarize_threshold"]))
