@@ -7,15 +7,25 @@ makes the most names match the network is dropped (``module.``, ``backbone.``, `
 ``backbone.net.`` ...). Names the network does not have (classifier heads, projectors, a teacher) are ignored and
 counted; a network parameter the file lacks, or one of another shape, is one clear error line. ``adapt`` may fix
 shapes first (a ViT's position embedding resampled to another grid).
+
+DINOv2's own files (``DinoVisionTransformer.state_dict()``: the hub's ``dinov2_vits14_pretrain.pth``, or the
+``teacher`` of a training checkpoint, whose blocks may be chunked as ``blocks.<chunk>.<block>.``) are read by name:
+LayerScale ``blocks.N.ls1.gamma``, ``mask_token``, ``register_tokens`` and the 518 px (37 x 37) position
+embedding, resampled to the ViT's grid as DINOv2's ``interpolate_pos_encoding`` does (bicubic, no antialiasing,
+``interpolate_offset`` 0.1). A file with LayerScale or registers that the configured ViT lacks, another patch size,
+or ViT-g's SwiGLU feed-forward is one clear line naming the setting to change.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -99,10 +109,15 @@ def adapt_input_channels(value: Tensor, want: Tensor) -> Tensor:
 
 
 def load_pretrained(net: nn.Module, path: str | Path, what: str,
-                    adapt: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
+                    adapt: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+                    prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
     """Load the weights file ``path`` into ``net`` (every parameter and buffer of ``net`` must be found, with its
-    shape); ``what`` names the backbone in messages, ``adapt`` may reshape the renamed tensors first."""
+    shape); ``what`` names the backbone in messages, ``prepare`` may rename the file's tensors before the prefix is
+    matched, ``adapt`` may reshape the renamed tensors after. Returns the file's tensors under the matched prefix that
+    ``net`` has no place for (names without the prefix), e.g. DINOv2's ``mask_token``."""
     source = read_state_dict(path)
+    if prepare is not None:
+        source = prepare(source)
     want = net.state_dict()
     prefix, found = match_prefix(source, set(want))
     if not found:
@@ -121,6 +136,73 @@ def load_pretrained(net: nn.Module, path: str | Path, what: str,
         raise UserError(f"backbone.pretrained={path} does not fit {what}: {' and '.join(parts)}; pass weights of the "
                         "same architecture and size (or change the backbone.* settings to those of the file)")
     net.load_state_dict(found, strict=False)
+    unused = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix) and k[len(prefix):] not in want}
     ignored = len(source) - len(found)
     rank_zero_info(f"backbone: loaded {len(found)} tensors from {path}" + (f" (prefix '{prefix}' dropped)" if prefix else "")
                    + (f"; {ignored} tensors of the file are not part of {what} and were ignored" if ignored else ""))
+    return unused
+
+
+# ---- DINOv2's layout ----------------------------------------------------------------------------------
+def is_dinov2(source: dict[str, Tensor]) -> bool:
+    """Whether a flat state dict is a DINOv2 ``DinoVisionTransformer`` (any prefix): it has a ``mask_token`` and
+    transformer blocks (timm's ViTs have no mask token; timm's DINOv2 conversions rename it away)."""
+    return any(k == "mask_token" or k.endswith(".mask_token") for k in source) and any("blocks." in k for k in source)
+
+
+_CHUNKED = re.compile(r"(^|\.)blocks\.\d+\.(\d+)\.")
+
+
+def dinov2_names(source: dict[str, Tensor], path) -> dict[str, Tensor]:
+    """DINOv2's names as the plain ViT has them: chunked blocks (``block_chunks > 0``, FSDP training) are
+    ``blocks.<chunk>.<block>.`` -> ``blocks.<block>.``. ViT-g's SwiGLU feed-forward has no counterpart here."""
+    if any(".mlp.w12." in k or ".mlp.w3." in k for k in source):
+        raise UserError(f"backbone.pretrained={path} is a DINOv2 ViT with a SwiGLU feed-forward (ViT-g/14); "
+                        "backbone=vit_* has a GELU MLP: use DINOv2's ViT-S/14, B/14 or L/14 weights")
+    return {_CHUNKED.sub(r"\1blocks.\2.", k): v for k, v in source.items()}
+
+
+def dinov2_adapt(found: dict[str, Tensor], net: nn.Module, grid: tuple[int, int], patch_size: int,
+                 path) -> dict[str, Tensor]:
+    """DINOv2 tensors shaped for ``net``: its position embedding (CLS + M x M patches, M = 37 for 518 px crops of 14
+    px patches) resampled to ``grid`` as DINOv2's ``interpolate_pos_encoding`` does; a patch projection of another
+    patch size is refused (DINOv2 never resizes its kernels)."""
+    out = dict(found)
+    proj = out.get("patch_embed.proj.weight")
+    if proj is not None and proj.shape[-1] != patch_size:
+        raise UserError(f"backbone.pretrained={path} cuts images into {proj.shape[-1]} px patches but "
+                        f"backbone.patch_size={patch_size}: set backbone.patch_size={proj.shape[-1]} and crops that are "
+                        f"multiples of it (e.g. data.crop_size={16 * proj.shape[-1]})")
+    pos = out.get("pos_embed")
+    if pos is not None:
+        m = round(math.sqrt(pos.shape[1] - 1))
+        if m * m != pos.shape[1] - 1:
+            raise UserError(f"backbone.pretrained={path}: its position embedding has {pos.shape[1] - 1} patch "
+                            "positions, not a square grid")
+        if (m, m) != tuple(grid):
+            out["pos_embed"] = resample_dinov2_positions(pos, grid)
+    return out
+
+
+def resample_dinov2_positions(pos: Tensor, grid: tuple[int, int], offset: float = 0.1) -> Tensor:
+    """(1, 1 + M*M, D) -> (1, 1 + h*w, D): the patch part resized bicubically with scale factors ((h + offset) / M,
+    (w + offset) / M) and no antialiasing (DINOv2's ``interpolate_pos_encoding``), the CLS position kept."""
+    m = round(math.sqrt(pos.shape[1] - 1))
+    patch = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2).float()  # 1 x D x M x M
+    h, w = grid
+    patch = F.interpolate(patch, scale_factor=((h + offset) / m, (w + offset) / m), mode="bicubic", antialias=False)
+    assert patch.shape[-2:] == (h, w), (patch.shape, grid)
+    return torch.cat([pos[:, :1].float(), patch.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1).to(pos.dtype)
+
+
+def dinov2_unused_problems(unused: dict[str, Tensor], path) -> None:
+    """A DINOv2 file whose LayerScale or register tokens the configured ViT has no place for would lose them
+    silently: one line naming the setting instead."""
+    gammas = sorted(k for k in unused if k.endswith(("ls1.gamma", "ls2.gamma")))
+    if gammas:
+        raise UserError(f"backbone.pretrained={path} has LayerScale ({gammas[0]}) but this ViT has none: set "
+                        "backbone.init_values=1.0e-5 (DINOv2's layerscale)")
+    if "register_tokens" in unused:
+        n = unused["register_tokens"].shape[1]
+        raise UserError(f"backbone.pretrained={path} has {n} register tokens but this ViT has none: set "
+                        f"backbone.reg_tokens={n}")
