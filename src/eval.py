@@ -30,13 +30,19 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.callbacks.image_text import has_text_tower, measure_image_text
+from src.callbacks.final_eval import FinalEvaluation
 from src.config.command_line import problems_for
 from src.config.compose import CONF_DIR, compose
-from src.nn.knn import knn_top1
-from src.nn.linear_probe import train_linear_probe
-from src.protocols.features import extract_features
-from src.utils.checkpointing import epochs_trained, load_checkpoint, weight_mismatch
+from src.protocols import Subject, run_protocols
+from src.protocols.features import autocast_context
+from src.protocols.image_text import has_text_tower
+from src.utils.checkpointing import (
+    build_backbone,
+    build_method,
+    epochs_trained,
+    load_checkpoint,
+    load_weights,
+)
 from src.utils.errors import UserError, fail
 from src.utils.io import write_json_atomic
 from src.utils.results import format_comparison, format_table
@@ -56,15 +62,6 @@ def run_overrides(ckpt: Path) -> list[str]:
     return [o for o in OmegaConf.load(saved) if not str(o).startswith(skip)]
 
 
-def run_choice(ckpt: Path, group: str) -> str | None:
-    """Which option of ``group`` the checkpoint's run used (from its .hydra/hydra.yaml), if known."""
-    hydra_yaml = ckpt.resolve().parent.parent / ".hydra" / "hydra.yaml"
-    try:
-        return str(OmegaConf.load(hydra_yaml).hydra.runtime.choices[group])
-    except Exception:  # noqa: BLE001 - no run folder, or an older layout
-        return None
-
-
 def evaluate(ckpt: Path, overrides: list[str], protocols: list[str] = ()) -> dict:
     if not ckpt.is_file():
         raise UserError(f"{ckpt} is not a file; pass the path of a checkpoint such as outputs/<run>/checkpoints/last.ckpt")
@@ -76,25 +73,12 @@ def evaluate(ckpt: Path, overrides: list[str], protocols: list[str] = ()) -> dic
         raise UserError("\n".join(problems))
     cfg = compose([*saved, *overrides], return_hydra_config=True)  # hydra.runtime.choices: the groups' options
     torch.manual_seed(cfg.seed)
-    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
-    expected, found = method.state_dict(), state["state_dict"]
-    choice = OmegaConf.to_container(cfg.backbone)["_target_"].rsplit(".", 1)[-1]
-    if problem := weight_mismatch(expected, found, "backbone."):
-        trained = run_choice(ckpt, "backbone")
-        hint = f"its run used backbone={trained}; pass that" if trained else "pass the backbone it was trained with"
-        raise UserError(f"{ckpt} does not hold a {choice} backbone of this configuration: its backbone weights are "
-                        f"{problem}; {hint} (and the run's backbone.* settings)")
-    if problem := weight_mismatch(expected, found, ""):
-        raise UserError(f"{ckpt} does not match method {type(method).__name__} as configured: {problem}; pass the "
-                        "method= and method.* settings of its run")
-    method.load_state_dict(found, strict=True)
+    method = build_method(cfg, fresh=True)  # its weights are the checkpoint's
+    load_weights(method, state, ckpt)
     choices = cfg.hydra.runtime.choices
     names = {group: choices.get(group) for group in ("method", "backbone", "data")}
     head = {"checkpoint": str(ckpt), **names, "epochs": epochs_trained(state), "global_step": state.get("global_step")}
-    if protocols:
-        random = lambda: instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))  # noqa: E731
-        return {**head, **measure_protocols(method, method.views, cfg, protocols, random, ckpt)}
-    return {**head, **measure(method, method.views, cfg)}
+    return {**head, **measure(method, method.views, cfg, protocols, lambda: build_method(cfg, fresh=True), ckpt)}
 
 
 def evaluate_backbone(overrides: list[str], protocols: list[str] = ()) -> dict:
@@ -106,40 +90,39 @@ def evaluate_backbone(overrides: list[str], protocols: list[str] = ()) -> dict:
     cfg = compose(overrides, return_hydra_config=True)  # with hydra.runtime.choices: which option of each group
     choices = cfg.hydra.runtime.choices
     torch.manual_seed(cfg.seed)
-    backbone = instantiate(cfg.backbone)
+    backbone = build_backbone(cfg.backbone)
     weights = cfg.backbone.get("pretrained")
     head = {"weights": weights or "random initialisation", "backbone": choices.get("backbone"), "data": choices.get("data")}
-    if protocols:
-        random_cfg = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k != "pretrained"}
-        random = lambda: instantiate(random_cfg)  # noqa: E731 - the same backbone, its own initialisation
-        return {**head, **measure_protocols(backbone, instantiate(cfg.views), cfg, protocols, random,
-                                            Path(weights) if weights else None)}
-    return {**head, **measure(backbone, instantiate(cfg.views), cfg)}
+    random = lambda: build_backbone(cfg.backbone, fresh=True)  # noqa: E731 - the same backbone, its own initialisation
+    return {**head, **measure(backbone, instantiate(cfg.views), cfg, protocols, random,
+                              Path(weights) if weights else None)}
 
 
 def eval_device(cfg) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
 
 
-def labelled_data(cfg):
-    """The data module of ``cfg.data``, set up, with labels (else one line)."""
+def evaluation_data(cfg, model):
+    """The data module of ``cfg.data``, set up; without labels only a model with a text tower has something to be
+    measured on (retrieval), else one line."""
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
-    if not dm.has_labels:
+    if not dm.has_labels and not has_text_tower(model):
         raise UserError(f"data={dm.name} has no labels here, so there is nothing to evaluate against")
     return dm
 
 
-def measure_protocols(model, views, cfg, names: list[str], random_model, source: Path | None) -> dict:
-    """The protocols ``names`` on ``model`` and on ``random_model()``; results files beside ``source`` (a checkpoint or
+def measure(model, views, cfg, names: list[str], random_model, source: Path | None) -> dict:
+    """The run's final evaluation (``eval.final``: kNN, linear probe, held-out figures, image–text figures, its
+    ``protocols``; the defaults where the run turned it off), or the protocols ``names``, on ``model`` and beside
+    it on ``random_model()``, with the run's device and precision. Results files beside ``source`` (a checkpoint or
     weights file: ``<stem>.<tag>.json``, pictures ``<stem>.<what>.png``; None: stdout only)."""
-    from src.protocols import Subject, run_protocols
     from src.utils.loggers import log_to_run_wandb
 
     device = eval_device(cfg)
     model.to(device).eval()
-    dm = labelled_data(cfg)
+    dm = evaluation_data(cfg, model)
     start = time.time()
     folder, stem = (source.parent, source.name.split(".")[0]) if source is not None else (None, None)
     drawn: list[tuple[str, Path]] = []
@@ -150,39 +133,22 @@ def measure_protocols(model, views, cfg, names: list[str], random_model, source:
 
     def subject(m, name: str) -> Subject:
         return Subject(m, views, dm, device, int(cfg.seed), out_dir=folder, pictures=picture if folder else None,
-                       name=name)
+                       forward_context=autocast_context(cfg.trainer.precision, device), name=name)
 
-    protocols = [instantiate(cfg.protocols[name]) for name in names]
     out = (lambda tag: folder / f"{stem}.{tag}.json") if folder is not None else None
-    results = run_protocols(protocols, subject(model, "trained"), lambda: subject(random_model().to(device), "random"),
-                            out)
-    results = {"eval_train_split": dm.eval_split_names[0], "eval_val_split": dm.eval_split_names[1], **results,
-               "wall_time_s": round(time.time() - start, 1)}
+    if names:
+        protocols = [instantiate(cfg.protocols[name]) for name in names]
+        results = run_protocols(protocols, subject(model, "trained"),
+                                lambda: subject(random_model().to(device), "random"), out)
+        results = {"eval_train_split": dm.eval_split_names[0], "eval_val_split": dm.eval_split_names[1], **results}
+    else:
+        node = cfg.eval.get("final") or compose(["eval=default"]).eval.final  # a run without one: the defaults
+        final = FinalEvaluation.from_config(cfg, random_model, node)
+        results = final.evaluate(subject, model, dm, out)
+    results["wall_time_s"] = round(time.time() - start, 1)
     if source is not None and source.suffix == ".ckpt":  # the run's own W&B run, when it had one
         log_to_run_wandb(cfg, source.resolve().parent.parent, results, drawn)
     return results
-
-
-def measure(model, views, cfg) -> dict:
-    """kNN and linear probe of ``model``'s frozen features on ``cfg.data``'s evaluation splits (``eval.final``)."""
-    device = eval_device(cfg)
-    model.to(device).eval()
-    dm = labelled_data(cfg)
-    final = cfg.eval.get("final") or compose(["eval=default"]).eval.final
-    start = time.time()
-    train = extract_features(model, views, dm.eval_train_dataloader(), device, final.max_train_items)
-    val = extract_features(model, views, dm.eval_val_dataloader(), device, final.max_val_items)
-    (tx, ty), (vx, vy) = [(f.to(device), y.to(device)) for f, y in (train, val)]
-    linear = train_linear_probe(tx, ty, vx, vy, dm.num_classes, final.linear_epochs, seed=cfg.seed)
-    out = {"knn_top1": round(knn_top1(tx, ty, vx, vy, dm.num_classes, final.k, final.temperature), 2),
-           "linear_top1": round(linear["top1"], 2), "linear_top5": round(linear["top5"], 2),
-           "eval_train_split": dm.eval_split_names[0], "eval_val_split": dm.eval_split_names[1],
-           "eval_train_items": int(tx.shape[0]), "eval_val_items": int(vx.shape[0])}
-    if has_text_tower(model):  # CLIP: zero-shot on this data's classes, retrieval on its held-out pairs
-        max_pairs = (cfg.eval.get("image_text") or {}).get("max_pairs", 1000)
-        scores = measure_image_text(model, views, dm, device, max_pairs, final.max_val_items)
-        out.update({k: v if isinstance(v, int) else round(v, 2) for k, v in scores.items()})
-    return {**out, "wall_time_s": round(time.time() - start, 1)}
 
 
 def protocol_arguments(argv: list[str]) -> tuple[list[str], list[str]]:

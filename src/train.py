@@ -27,12 +27,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.callbacks.data_health import DataHealth
+from src.callbacks.final_eval import FinalEvaluation
 from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption
 from src.callbacks.throughput import ThroughputMonitor
 from src.config.command_line import preflight
 from src.config.compose import CONF_DIR, compose
 from src.config.rules import check_config
-from src.utils.checkpointing import AtomicCheckpointIO, finished, resumable_runs
+from src.utils.checkpointing import AtomicCheckpointIO, build_method, finished, resumable_runs
 from src.utils.errors import RunInterrupted, UserError, fail
 from src.utils.loggers import build_loggers, finish_loggers, summarise
 from src.utils.results import format_table, write_results
@@ -71,18 +72,11 @@ def finish_evaluations(trainer: L.Trainer, method: L.LightningModule, callbacks:
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = [ThroughputMonitor()]  # first: its timing must not include the probes
     for name, cb_cfg in (cfg.eval or {}).items():
-        if cb_cfg is None:
-            continue
-        kwargs = {}
-        if "random_baseline" in cb_cfg:
-            cb_cfg = OmegaConf.masked_copy(cb_cfg, [k for k in cb_cfg if k != "random_baseline"])
-            if cfg.eval[name].random_baseline:  # a fresh method: its forward is what evaluation reads
-                kwargs["random_backbone"] = lambda: instantiate(cfg.method, backbone=instantiate(cfg.backbone),
-                                                                views=instantiate(cfg.views))
-            kwargs["seed"] = cfg.seed
-        if cb_cfg.get("protocols"):  # the final evaluation's extra protocols, built from protocols.<name>
-            kwargs["protocol_settings"] = cfg.protocols
-        callbacks.append(instantiate(cb_cfg, **kwargs))
+        if name == "final":  # a fresh method of the run's architecture is its random-init baseline
+            cb = FinalEvaluation.from_config(cfg, random_model=lambda: build_method(cfg, fresh=True))
+        else:
+            cb = instantiate(cb_cfg) if cb_cfg is not None else None
+        callbacks += [cb] if cb is not None else []
     callbacks.append(DataHealth())  # after the evaluation: it also counts files skipped while evaluating
     callbacks.append(TrainingStarted())
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -112,9 +106,7 @@ def build_parts(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModu
     """The run's datamodule and method (backbone and views injected), after seeding every RNG with the run seed."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views),
-                         nonfinite_loss=cfg.nonfinite_loss)
-    return datamodule, method
+    return datamodule, build_method(cfg, nonfinite_loss=cfg.nonfinite_loss)
 
 
 def build_trainer(cfg: DictConfig, method: L.LightningModule, callbacks: list[L.Callback], loggers: list,

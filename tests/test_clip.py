@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from PIL import Image
 
-from src.callbacks.image_text import ImageTextEvaluation, measure_image_text
+from src.callbacks.final_eval import FinalEvaluation
+from src.protocols.image_text import ImageText, image_text_scores
 from src.data import captions as cap
 from src.data.datamodule import SSLDataModule
 from src.data.datasets import SkipLog
@@ -231,8 +232,9 @@ def trained(tmp_path_factory):
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
     method.run_config = {k: to_plain(cfg[k]) for k in ("backbone", "views", "method", "data")}
     dm = instantiate(cfg.data)
-    evaluation = ImageTextEvaluation(random_backbone=lambda: instantiate(
-        cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views)), max_pairs=64, num_pictures=2)
+    evaluation = FinalEvaluation(random_model=lambda: instantiate(
+        cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views)), k=10, linear_epochs=5,
+        protocol_settings={"image_text": ImageText(max_pairs=64, num_pictures=2)})
     trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=folder,
                         callbacks=[evaluation])
@@ -247,8 +249,8 @@ def test_evaluation_reports_zero_shot_retrieval_and_a_random_baseline(trained):
     for key in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r10", "t2i_r1", "random_zeroshot_top1", "random_i2t_r1"):
         assert 0.0 <= r[key] <= 100.0, key
     assert r["retrieval_images"] == 64 and r["retrieval_texts"] == 10 * len(dm.prompt_templates)
-    assert evaluation.saved and evaluation.saved[0].name == "image_text_0001.png" and evaluation.saved[0].is_file()
-    again = measure_image_text(method, method.views, dm, method.device, max_pairs=64)
+    assert (folder / "pictures" / "image_text_0001.png").is_file()
+    again = image_text_scores(method, method.views, dm, method.device, max_pairs=64)
     assert {k: round(v, 2) for k, v in again.items() if k.startswith(("zero", "i2t"))} == {
         k: v for k, v in r.items() if k.startswith(("zero", "i2t"))}  # the callback left the model as it was
 

@@ -182,7 +182,7 @@ def _fit(datamodule, callbacks, logger=None, max_epochs=2):
     return trainer, method, before
 
 
-def _random_backbone():
+def _random_model():
     return TinyBackbone()
 
 
@@ -217,7 +217,7 @@ def test_max_items_spans_a_class_sorted_dataset():
 # ---------------------------------------------------------------- callbacks in a real Trainer
 def test_callbacks_in_trainer(tmp_path):
     throughput, probe = ThroughputMonitor(), OnlineLinearProbe()
-    knn, final = KNNMonitor(k=10), FinalEvaluation(random_backbone=_random_backbone, k=10, linear_epochs=50)
+    knn, final = KNNMonitor(k=10), FinalEvaluation(random_model=_random_model, k=10, linear_epochs=50)
     logger = MemoryLogger()
     trainer, method, before = _fit(FakeData(), [throughput, probe, knn, final], logger)
 
@@ -264,9 +264,9 @@ def test_callbacks_in_trainer(tmp_path):
 
     # the random baseline runs under fork_rng: the global RNG ends where it would without it
     states = []
-    for factory in (None, _random_backbone):
+    for factory in (None, _random_model):
         torch.manual_seed(123)
-        cb = FinalEvaluation(random_backbone=factory, k=10, linear_epochs=5)
+        cb = FinalEvaluation(random_model=factory, k=10, linear_epochs=5)
         cb.on_train_end(trainer, method)
         states.append(torch.get_rng_state())
         assert ("random_knn_top1" in cb.results) == (factory is not None)
@@ -312,7 +312,7 @@ def test_callbacks_skip_unlabelled_data():
         probe, knn, final = (
             OnlineLinearProbe(),
             KNNMonitor(),
-            FinalEvaluation(random_backbone=_random_backbone),
+            FinalEvaluation(random_model=_random_model),
         )
         _fit(FakeData(labelled=False), [ThroughputMonitor(), probe, knn, final])
     assert probe.metrics == {} and knn.metrics == {}

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 
 from src.callbacks.health import RepresentationHealth
 from src.nn.knn import knn_predict_sweep, knn_top1
+from src.config.compose import group_options
 from src.nn.metrics import accuracy
 from src.protocols.data import balanced_subset, read_subset, write_subset
 from src.protocols.fewshot import episode, mean_interval
@@ -157,7 +158,7 @@ def test_eval_cli_runs_protocols_and_reuses_the_finetune_subset(run_dir):
     assert subset.read_text() == first  # the saved subset is read back, not drawn again
     bad = run_module("src.eval", str(ckpt), "protocol=finetunes")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: protocol=finetunes is not a protocol; allowed: fewshot, finetune, knn, linear, plot"]
+        f"error: protocol=finetunes is not a protocol; allowed: {', '.join(group_options('protocol'))}"]
 
 
 @pytest_slow

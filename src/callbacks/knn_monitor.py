@@ -1,7 +1,7 @@
 """Periodic weighted-kNN evaluation of the method's frozen features.
 
 Every ``every_n_epochs`` training epochs, features of the eval-train split form the bank and features of the
-eval-val split are classified by :func:`src.nn.knn.knn_top1`. Logs ``eval/knn_top1`` (percent) and keeps the
+eval-val split are classified by :func:`src.protocols.frozen.knn_score` (the final evaluation's kNN). Logs ``eval/knn_top1`` (percent) and keeps the
 latest value in ``self.metrics["eval/knn_top1"]``. Unlabelled datasets are skipped (said once).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import lightning as L
 
 from src.callbacks import labels_available
-from src.nn.knn import knn_top1
-from src.protocols.features import extract_features
+from src.protocols.features import autocast_context, extract_features
+from src.protocols.frozen import knn_score
 
 
 class KNNMonitor(L.Callback):
@@ -33,21 +33,12 @@ class KNNMonitor(L.Callback):
         dm = trainer.datamodule
         if not labels_available(trainer, self, "kNN monitor"):
             return
-        ctx = trainer.precision_plugin.forward_context
+        ctx = autocast_context(trainer.precision, pl_module.device)
         bank, bank_y = extract_features(pl_module, pl_module.views, dm.eval_train_dataloader(), pl_module.device, self.max_train_items, ctx)
         query, query_y = extract_features(pl_module, pl_module.views, dm.eval_val_dataloader(), pl_module.device, self.max_val_items, ctx)
         if bank.shape[0] == 0 or query.shape[0] == 0:
             return
-        dev = pl_module.device
-        top1 = knn_top1(
-            bank.to(dev),
-            bank_y.to(dev),
-            query.to(dev),
-            query_y.to(dev),
-            dm.num_classes,
-            self.k,
-            self.temperature,
-        )
+        top1 = knn_score((bank, bank_y), (query, query_y), dm.num_classes, self.k, self.temperature, pl_module.device)
         self.metrics["eval/knn_top1"] = top1
         # identical on every rank (eval loaders are not sharded); sync_dist keeps Lightning's DDP warning quiet
         pl_module.log("eval/knn_top1", top1, on_step=False, on_epoch=True, sync_dist=True)

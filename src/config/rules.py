@@ -166,10 +166,10 @@ def data_problems(cfg: DictConfig, world: int) -> list[str]:
 
 
 # results.json values a sweep can optimise, and the eval entry that produces each
+IMAGE_TEXT_OBJECTIVES = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 OBJECTIVES = {
-    **{k: "final" for k in ("val_knn_top1", "val_linear_top1", "knn_top1", "linear_top1", "linear_top5")},
-    **{k: "image_text" for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
-                                 "t2i_r5", "t2i_r10")},
+    **{k: "final" for k in ("val_knn_top1", "val_linear_top1", "knn_top1", "linear_top1", "linear_top5",
+                            *IMAGE_TEXT_OBJECTIVES)},
     "last_knn_top1": "knn", "last_online_val_top1": "online_probe",
 }
 
@@ -181,7 +181,7 @@ def objective_problems(cfg: DictConfig, searching: bool = False) -> list[str]:
     if objective not in OBJECTIVES:
         return [f"objective={objective} is not a result a run produces; use one of {', '.join(OBJECTIVES)}"]
     entry = OBJECTIVES[objective]
-    if entry == "image_text" and not getattr(_method_class(cfg), "needs_captions", False):
+    if objective in IMAGE_TEXT_OBJECTIVES and not getattr(_method_class(cfg), "needs_captions", False):
         return [f"objective={objective} is an image–text result, which only method=clip produces; use val_knn_top1 "
                 "or val_linear_top1"]
     if not searching:

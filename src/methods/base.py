@@ -83,6 +83,12 @@ class SSLMethod(L.LightningModule):
         """Width of :meth:`forward`'s features, the representation evaluation measures."""
         return self.backbone.out_dim
 
+    @property
+    def feature_network(self) -> nn.Module:
+        """The module whose forward alone gives :meth:`forward`'s features (what fine-tuning trains): the backbone,
+        unless a method's forward adds a step of its own (colorization reads the lightness channel)."""
+        return self.backbone if type(self).forward is SSLMethod.forward else self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

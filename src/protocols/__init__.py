@@ -1,6 +1,8 @@
-"""Evaluation protocols: kNN (a sweep of k), linear probes, fine-tuning with a label fraction, N-shot logistic
-regression and embedding plots. Lightning-free; one implementation each, two callers: the final evaluation of a
-training run (``eval.final.protocols=[...]``) and ``python -m src.eval CKPT protocol=<name>``.
+"""Evaluation protocols: the final evaluation's kNN + linear probe (:mod:`.frozen`), zero-shot and retrieval
+(:mod:`.image_text`), kNN (a sweep of k), linear probes, fine-tuning with a label fraction, N-shot logistic
+regression, embedding plots. Lightning-free; one implementation each, called by the end of a training run
+(``eval.final``, ``eval.final.protocols=[...]``), by ``python -m src.eval CKPT [protocol=<name>]`` and (kNN) by the
+per-epoch monitor, so the same checkpoint gives the same figures whichever command measured it.
 
 A protocol is an object built from ``conf/protocol/<name>.yaml`` (its settings are ``protocols.<name>.*`` in the
 run config) with ``run(subject) -> {key: value}``. The :class:`Subject` is what is measured: a feature extractor,
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from src.protocols.features import eval_mode, extract_features, own_rng
@@ -77,14 +78,22 @@ class Subject:
         return None if self.out_dir is None else Path(self.out_dir) / name
 
     def trainable_copy(self) -> nn.Module:
-        """A copy of the feature extractor to train (fine-tuning): the backbone alone where the method's features are
-        its backbone's (the usual case), else the whole model (e.g. colorization reads the lightness channel)."""
-        from src.methods.base import SSLMethod
+        """A copy of the feature extractor to train (fine-tuning): the model's ``feature_network`` where it has one
+        (a method's backbone when its features are the backbone's, the usual case), else the whole model."""
+        return copy.deepcopy(getattr(self.model, "feature_network", self.model)).to(self.device)
 
-        model = self.model
-        if isinstance(model, SSLMethod) and type(model).forward is SSLMethod.forward:
-            model = model.backbone
-        return copy.deepcopy(model).to(self.device)
+    def show(self, what: str, image: torch.Tensor, title: str) -> Path | None:
+        """Save ``image`` (C x H x W in [0, 1]) to ``pictures(what)`` and hand it to ``publish``; the file, if any."""
+        path = None
+        if self.pictures is not None:
+            from torchvision.utils import save_image
+
+            path = self.pictures(what)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(image, path)
+        if self.publish is not None:
+            self.publish(what, image, title)
+        return path
 
     @property
     def num_classes(self) -> int:
@@ -93,17 +102,27 @@ class Subject:
 
 class Protocol(ABC):
     """Base of the protocols: ``name`` (the config option), ``tag`` (names its results file and prefixes its keys;
-    e.g. ``finetune_1pct``) and :meth:`run`."""
+    e.g. ``finetune_1pct``), :meth:`run`, and :meth:`run_baseline` for the random-init model (the same by default).
+    ``own_file``: whether its figures also go to ``<stem>.<tag>.json`` (the final evaluation's go to results.json)."""
 
     name = "protocol"
+    own_file = True
 
     @property
     def tag(self) -> str:
         return self.name
 
+    def applies_to(self, model: Any) -> bool:
+        """Whether this protocol measures ``model`` (image–text protocols need a text tower)."""
+        return True
+
     @abstractmethod
     def run(self, subject: Subject) -> dict[str, Any]:
         """The protocol's figures on ``subject`` (keys prefixed with :attr:`tag`)."""
+
+    def run_baseline(self, subject: Subject) -> dict[str, Any]:
+        """The figures of the random-init model (keys get the ``random_`` prefix)."""
+        return self.run(subject)
 
     def settings(self) -> dict[str, Any]:
         """The protocol's settings as plain values (written into its results file)."""
@@ -112,36 +131,35 @@ class Protocol(ABC):
 
 def run_protocols(protocols: list[Protocol], subject: Subject, random_subject: Callable[[], Subject] | None,
                   out: Callable[[str], Path] | None) -> dict[str, Any]:
-    """Every protocol on ``subject`` and on ``random_subject()`` (a random-init model of the same architecture, built
-    on its own RNG stream seeded like the final evaluation's baseline); each run draws from its own stream seeded
-    with the subject's seed, so both models see the same subsets, episodes and crops, and the global RNG is left as
-    it was. Keys of the baseline are prefixed ``random_``. ``out(tag)`` is the results file of a protocol (None:
-    stdout only). Returns every key."""
+    """Every protocol that applies to ``subject.model`` on ``subject`` and on ``random_subject()`` (a random-init model
+    of the same architecture, built once, on its own RNG stream seeded with the subject's seed); each run draws from
+    its own stream seeded with the subject's seed, so both models see the same subsets, episodes and crops, and the
+    global RNG is left as it was. Keys of the baseline are prefixed ``random_``. ``out(tag)`` is the results file of a
+    protocol with ``own_file`` (None: no files). Returns every key."""
     results: dict[str, Any] = {}
     baseline = None
     for protocol in protocols:
+        if not protocol.applies_to(subject.model):
+            continue
         start = time.time()
         with own_rng(subject.seed, subject.device):  # the same draws (subsets, episodes, crops) for both models
             scores = protocol.run(subject)
         random_scores: dict[str, Any] = {}
         if random_subject is not None:
             if baseline is None:
-                with own_rng(subject.seed, subject.device):  # the final evaluation's random-init weights
+                with own_rng(subject.seed, subject.device):  # the same weights whoever asks for the baseline
                     baseline = random_subject()
             with own_rng(subject.seed, subject.device):
-                random_scores = {f"random_{k}": v for k, v in protocol.run(baseline).items()}
-        record = {"protocol": protocol.name, "tag": protocol.tag, "settings": protocol.settings(),
-                  "eval_train_split": subject.datamodule.eval_split_names[0],
-                  "eval_val_split": subject.datamodule.eval_split_names[1],
-                  **scores, **random_scores, "wall_time_s": round(time.time() - start, 1)}
-        if out is not None:
-            path = out(protocol.tag)
-            write_json_atomic(path, record)
-            rank_zero_info(f"{protocol.tag}: {path}")
+                random_scores = {f"random_{k}": v for k, v in protocol.run_baseline(baseline).items()}
+        if out is not None and protocol.own_file:
+            record = {"protocol": protocol.name, "tag": protocol.tag, "settings": protocol.settings(),
+                      "eval_train_split": subject.datamodule.eval_split_names[0],
+                      "eval_val_split": subject.datamodule.eval_split_names[1],
+                      **scores, **random_scores, "wall_time_s": round(time.time() - start, 1)}
+            print(f"{protocol.tag}: {write_json_atomic(out(protocol.tag), record)}", flush=True)
         results.update(scores)
         results.update(random_scores)
     return results
-
 
 
 def percent(x: float) -> float:

@@ -115,3 +115,13 @@ def own_rng(seed: int, device: torch.device) -> Iterator[None]:
                 torch.cuda.manual_seed(seed)
         yield
 
+
+
+def autocast_context(precision: str, device: torch.device | str) -> Callable[[], contextlib.AbstractContextManager]:
+    """The forward context of a run's ``trainer.precision`` (``bf16-mixed``, ``16-mixed``: autocast to that type on
+    ``device``; anything else: none), so evaluation outside a trainer computes what the run's evaluation computed."""
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    if dtype is None:
+        return contextlib.nullcontext
+    device_type = torch.device(device).type
+    return lambda: torch.autocast(device_type, dtype=dtype)

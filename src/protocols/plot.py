@@ -95,13 +95,6 @@ class Plot(Protocol):
                  f"model (trustworthiness {trust:.3f})")
         image = scatter(points, y.numpy(), class_names(subject), title)
         out = {f"{self.method}_trustworthiness": round(trust, 4)}
-        if subject.pictures is not None:
-            from torchvision.utils import save_image
-
-            path = subject.pictures(what)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(image, path)
+        if (path := subject.show(what, image, title)) is not None:
             out[f"{self.method}_picture"] = str(path)
-        if subject.publish is not None:
-            subject.publish(what, image, title)
         return out

@@ -97,16 +97,33 @@ def finished(run: Path) -> bool:
     return results.is_file() and ckpt.is_file() and results.stat().st_mtime >= ckpt.stat().st_mtime
 
 
+def build_method(config: Any, fresh: bool = False, **kwargs) -> Any:
+    """The method of a run config (the composed config, or the plain dict a checkpoint keeps) with its backbone and
+    views injected (``kwargs`` go to the method). ``fresh=True``: the same architecture without the weights file of
+    ``backbone.pretrained`` (the random-init baseline, and a checkpoint's model before its own weights are loaded)."""
+    from hydra.utils import instantiate
+
+    backbone = build_backbone(config["backbone"], fresh)
+    return instantiate(config["method"], backbone=backbone, views=instantiate(config["views"]), **kwargs)
+
+
+def build_backbone(config: Any, fresh: bool = False) -> Any:
+    """The backbone of ``config`` (a ``backbone`` node); ``fresh=True``: without its ``pretrained`` weights file."""
+    from hydra.utils import instantiate
+
+    if fresh and "pretrained" in config:
+        plain = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+        config = {k: v for k, v in plain.items() if k != "pretrained"}
+    return instantiate(config)
+
+
 def model_from_checkpoint(state: dict) -> Any:
     """The method of a checkpoint ``state`` (read with ``weights_only=True``), rebuilt from the run config saved
     in it (``state["config"]``) and loaded with its weights, in eval mode."""
-    from hydra.utils import instantiate
-
-    cfg = state["config"]
-    backbone_cfg = {k: v for k, v in cfg["backbone"].items() if k != "pretrained"}  # its weights are in the file
-    model = instantiate(cfg["method"], backbone=instantiate(backbone_cfg), views=instantiate(cfg["views"]))
+    model = build_method(state["config"], fresh=True)
     model.load_state_dict(state["state_dict"])
     return model.eval()
+
 
 def load_checkpoint(path: Path) -> dict:
     if not zipfile.is_zipfile(path):
@@ -161,3 +178,28 @@ def epochs_trained(state: dict) -> int | None:
         return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError, ValueError):
         return state.get("epoch")
+
+
+def run_choice(ckpt: Path, group: str) -> str | None:
+    """Which option of ``group`` the checkpoint's run used (from its run folder's .hydra/hydra.yaml), if known."""
+    hydra_yaml = Path(ckpt).resolve().parent.parent / ".hydra" / "hydra.yaml"
+    try:
+        return str(OmegaConf.load(hydra_yaml).hydra.runtime.choices[group])
+    except Exception:  # noqa: BLE001 - no run folder, or an older layout
+        return None
+
+
+def load_weights(model: Any, state: dict, ckpt: Path) -> None:
+    """Load a checkpoint's weights into ``model`` (a method built from the config), or one line saying what differs:
+    the backbone first (with the backbone its run used, when its run folder says), then the rest of the method."""
+    expected, found = model.state_dict(), state["state_dict"]
+    if problem := weight_mismatch(expected, found, "backbone."):
+        name = type(model.backbone).__name__
+        trained = run_choice(ckpt, "backbone")
+        hint = f"its run used backbone={trained}; pass that" if trained else "pass the backbone it was trained with"
+        raise UserError(f"{ckpt} does not hold a {name} backbone of this configuration: its backbone weights are "
+                        f"{problem}; {hint} (and the run's backbone.* settings)")
+    if problem := weight_mismatch(expected, found, ""):
+        raise UserError(f"{ckpt} does not match method {type(model).__name__} as configured: {problem}; pass the "
+                        "method= and method.* settings of its run")
+    model.load_state_dict(found, strict=True)

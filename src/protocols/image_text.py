@@ -1,16 +1,13 @@
-"""Image–text evaluation of methods with a text tower (CLIP): zero-shot classification and retrieval.
+"""``image_text``: zero-shot classification and retrieval of models with a text tower (CLIP).
 
-Runs once in ``on_train_end`` for a method with ``encode_image``, ``encode_text`` and ``tokenizer`` (others are
-left alone). ``self.results`` (percent, 2 decimals):
-
-- ``zeroshot_top1`` / ``zeroshot_top5`` on the labelled evaluation split (``eval_val``): class names x the
-  data's prompt templates (src/nn/image_text.py);
+- ``zeroshot_top1`` / ``zeroshot_top5`` on the labelled evaluation split: class names x the data's prompt templates
+  (:mod:`src.nn.image_text`);
 - ``i2t_r{1,5,10}`` / ``t2i_r{1,5,10}`` on the held-out image–caption pairs (``datamodule.pairs``), with
-  ``retrieval_images`` / ``retrieval_texts`` (counts);
-- with ``random_baseline``, the same for a freshly initialised model (both towers): ``random_zeroshot_top1``, ...
+  ``retrieval_images`` / ``retrieval_texts`` (counts; not repeated for the random-init baseline);
 
-and, on rank 0, a picture ``<run>/pictures/image_text_<epoch>.png`` (+ W&B): held-out images with their most
-probable captions, and caption queries with their nearest images. Every rank computes the same numbers.
+and a picture of the trained model (``image_text``): held-out images with their most probable captions, then
+captions with their nearest images. Part of every final evaluation of a model with a text tower (training runs and
+``python -m src.eval CKPT``); other models report nothing. Settings: ``protocols.image_text.*``.
 """
 
 from __future__ import annotations
@@ -19,15 +16,12 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 from torchvision.transforms.functional import to_tensor
 
-from src.callbacks.pictures import save_picture
 from src.nn.image_text import caption_relevance, retrieval_recall, zeroshot_accuracy, zeroshot_weights
-from src.protocols.features import eval_mode, extract_features, own_rng
+from src.protocols import Protocol, Subject, percent
+from src.protocols.features import eval_mode, extract_features
 from src.utils.sheet import contact_sheet
 
 
@@ -64,7 +58,7 @@ def encode_pairs(model: Any, views: Any, loader, device: torch.device, max_items
     return (torch.cat(feats)[:n] if feats else torch.zeros(0, 0)), captions[:n]
 
 
-def measure_image_text(model: Any, views: Any, dm: Any, device: torch.device, max_pairs: int | None = 1000,
+def image_text_scores(model: Any, views: Any, dm: Any, device: torch.device, max_pairs: int | None = 1000,
                        max_val_items: int | None = None, forward_context: Callable | None = None,
                        keep: dict | None = None) -> dict[str, float]:
     """Zero-shot accuracy (labelled data) and retrieval recall (held-out pairs) of ``model`` on ``dm``'s splits.
@@ -89,44 +83,40 @@ def measure_image_text(model: Any, views: Any, dm: Any, device: torch.device, ma
     return scores
 
 
-class ImageTextEvaluation(L.Callback):
-    final = True  # an end-of-training evaluation: src/train.py runs it for a run resumed after its last epoch
+class ImageText(Protocol):
+    """Zero-shot accuracy on at most ``max_val_items`` evaluation images and retrieval on at most ``max_pairs``
+    held-out pairs; ``num_pictures`` rows in the picture (0: none)."""
 
-    def __init__(self, random_backbone: Callable[[], nn.Module] | None = None, max_pairs: int | None = 1000,
-                 max_val_items: int | None = None, num_pictures: int = 4, seed: int = 0):
-        self.random_backbone, self.max_pairs, self.max_val_items = random_backbone, max_pairs, max_val_items
-        self.num_pictures, self.seed = num_pictures, seed
-        self.results: dict[str, Any] = {}
-        self.saved = []
+    name = "image_text"
+    own_file = False  # its figures join the final evaluation's
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not has_text_tower(pl_module):
-            return
-        dm, device, ctx = trainer.datamodule, pl_module.device, trainer.precision_plugin.forward_context
+    def __init__(self, max_pairs: int | None = 1000, max_val_items: int | None = None, num_pictures: int = 4):
+        self.max_pairs, self.max_val_items, self.num_pictures = max_pairs, max_val_items, int(num_pictures)
+
+    def applies_to(self, model: Any) -> bool:
+        return has_text_tower(model)
+
+    def run_baseline(self, subject: Subject) -> dict:
+        return {k: v for k, v in self.run(subject, draw=False).items() if not k.startswith("retrieval_")}
+
+    def run(self, subject: Subject, draw: bool = True) -> dict:
+        model, dm = subject.model, subject.datamodule
         keep: dict = {}
-        scores = measure_image_text(pl_module, pl_module.views, dm, device, self.max_pairs, self.max_val_items, ctx, keep)
-        if self.random_backbone is not None:
-            with own_rng(self.seed, device):
-                fresh = self.random_backbone().to(device)
-                random = measure_image_text(fresh, pl_module.views, dm, device, self.max_pairs, self.max_val_items, ctx)
-            scores.update({f"random_{k}": v for k, v in random.items() if not k.startswith("retrieval_")})
-        self.results = {k: (v if isinstance(v, int) else round(float(v), 2)) for k, v in scores.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics({f"eval/{k}": v for k, v in self.results.items()}, step=trainer.global_step)
-        rank_zero_info(f"image-text evaluation: {self.results}")
-        if trainer.is_global_zero and keep and self.num_pictures > 0:
-            grid = self.picture(pl_module, dm, keep)
-            self.saved.append(save_picture(trainer, "image_text", grid, "held-out images with their top captions, "
-                                                                         "then captions with their top images",
-                                         epoch=trainer.current_epoch))  # training has ended: epochs done
+        scores = image_text_scores(model, subject.views, dm, subject.device, self.max_pairs, self.max_val_items,
+                                   subject.forward_context, keep)
+        out = {k: v if isinstance(v, int) else percent(v) for k, v in scores.items()}
+        if draw and keep and self.num_pictures > 0:
+            subject.show(self.name, self.picture(model, dm, keep),
+                         "held-out images with their top captions, then captions with their top images")
+        return out
 
-    def picture(self, pl_module: Any, dm: Any, keep: dict) -> torch.Tensor:
+    def picture(self, model: Any, dm: Any, keep: dict) -> torch.Tensor:
         """Rows: a held-out image and its 3 most probable captions (softmax over the held-out captions at the
         learned logit scale); then a caption and its 5 nearest held-out images."""
         image_emb, text_emb, texts, captions = keep["image_emb"], keep["text_emb"], keep["texts"], keep["captions"]
         n = image_emb.shape[0]
         picks = torch.linspace(0, n - 1, min(self.num_pictures, n)).round().long().tolist()
-        scale = float(getattr(pl_module, "logit_scale", torch.tensor(0.0)).detach().exp())
+        scale = float(getattr(model, "logit_scale", torch.tensor(0.0)).detach().exp())
         probs = (scale * image_emb @ text_emb.T).softmax(dim=1)
         rows = []
         for i in picks:
