@@ -57,7 +57,19 @@ COMPARED = {
     "nnclr": lambda: make("nnclr", "method.queue_size=16"),
     "clip": lambda: make("clip"),  # each rank's rows against the gathered columns
     "clip_global": lambda: make("clip", "method.local_loss=false"),  # the whole matrix on every rank
+    # SwAV's queue (main_swav.py: queue_length over all processes, each holding its share): full after the first
+    # step, in the Sinkhorn problem at the second
+    "swav_queue": lambda: make("swav", "method.queue_size=8", "method.queue_start_epoch=0"),
+    # colorization's prior: bin counts of the training batches of every process (rebalancing weights at step 2)
+    "colorization": lambda: make_dense("colorization"),
 }
+
+
+def make_dense(name: str, *overrides: str):
+    """A method that reads a feature map: the tiny convnet without its BatchNorm."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(name, "data.image_size=4", "data.crop_size=4", *overrides)
+    return strip_batchnorm(instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views)))
 
 
 def global_batch(seed: int = 1):
@@ -78,9 +90,14 @@ def loss_and_grads(model, batch):
 
 
 def run_steps(model, batches):
-    """Loss and gradients of each step (no optimizer: the state buffers carry over between steps)."""
+    """Loss and gradients of each step (no optimizer: the state buffers carry over between steps). Under DDP every
+    buffer is first broadcast from rank 0, as Lightning's DistributedDataParallel does before every forward
+    (broadcast_buffers): state kept per process in a buffer would be lost there."""
     out = []
     for batch in batches:
+        if dist.is_initialized():
+            for b in model.buffers():
+                dist.broadcast(b, src=0)
         model.zero_grad()
         out.append(loss_and_grads(model, batch))
     return out

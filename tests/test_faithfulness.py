@@ -186,3 +186,22 @@ def test_moco_v2_head_is_the_references_mlp():
     assert all(m.bias is not None for m in v2.projector if isinstance(m, nn.Linear))
     assert [type(m) for m in v1.projector] == [nn.Linear] and v1.projector[0].bias is not None
     assert len(v2.param_groups()) == 1  # SGD with weight decay on every parameter (main_moco.py)
+
+
+# ---- SwAV (facebookresearch/swav main_swav.py) ----------------------------------------------------------------------
+def test_swav_queue_starts_at_its_epoch():
+    """epoch_queue_starts: the queue is created (and filled) from that epoch on, not filled from epoch 0."""
+    L.seed_everything(0)
+    cfg = tiny_cfg("swav", "method.queue_size=64", "method.queue_start_epoch=1")
+    method = build(cfg)
+    filled = []
+
+    class Watch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            filled.append(int(pl_module.queues[0].filled))
+
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Watch()])
+    trainer.fit(method, datamodule=instantiate(cfg.data))
+    assert filled == [0, 32]  # nothing in epoch 0; two batches of 16 in epoch 1
+    assert len(method.param_groups()) == 1  # LARC adapts and decays every parameter

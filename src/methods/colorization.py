@@ -4,7 +4,7 @@ The view is converted to CIE Lab on the device; the backbone, adapted to one inp
 L / 50 - 1; a dense head on its feature map, resized bilinearly to ``target_size``, classifies every pixel
 into the Q in-gamut ab bins. Targets are soft-encoded (5 nearest bins, Gaussian sigma 5) from the ab of the
 view area-downsampled to that size; the cross-entropy is class-rebalanced (Eq. 2-4) with weights from an
-empirical prior kept as bin counts in a buffer (accumulated over training batches, per process under DDP).
+empirical prior kept as bin counts in a buffer (accumulated over the training batches of every process).
 ``loss="regression"`` is the L2 baseline on ab / 110. Evaluation reads pooled features of the L channel.
 """
 
@@ -25,6 +25,7 @@ from src.nn.color import (
     soft_encode,
 )
 from src.nn.decoders import DenseClassifier, feature_channels, needs_feature_map
+from src.utils import distributed as du
 from src.utils.errors import UserError
 
 LOSSES = ("classification", "regression")
@@ -76,7 +77,7 @@ class Colorization(PretextTask):
         with torch.no_grad():
             z = soft_encode(ab, self.centres, hp.k, hp.sigma)  # B x Q x s x s
             nearest = z.argmax(dim=1)  # B x s x s
-            self.counts += torch.bincount(nearest.flatten(), minlength=len(self.centres))
+            self.counts += du.all_reduce_sum(torch.bincount(nearest.flatten(), minlength=len(self.centres)))
             w = rebalance_weights(self.counts, self.centres, hp.lam, hp.sigma)[nearest] if hp.rebalance else 1.0
         ce = -(z * F.log_softmax(out.float(), dim=1)).sum(dim=1)  # B x s x s
         return (w * ce).mean(), {"bin_acc": (out.argmax(dim=1) == nearest).float().mean()}
