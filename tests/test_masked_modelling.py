@@ -245,3 +245,24 @@ def test_joint_embedding_methods_train_on_a_vit(name, overrides):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert not torch.equal(method.backbone.net.blocks[0].attn.qkv.weight, before)
     json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def test_quantizer_keeps_a_restarted_code_that_is_used_with_threshold_two():
+    """A dead code restarted on an encoder output starts at the threshold (count 2, sums 2 x the code): once it takes
+    16 vectors a batch it stays (0.99 x 2 + 0.01 x 16 >= 2). Started at count 1 it fell under 2 again and was
+    drawn anew at every step, live or not."""
+    vq = VectorQuantizer(4, 2, decay=0.99, eps=0.0, restart_threshold=2.0).train()
+    vq.initialised.fill_(True)
+    vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [1000.0, 1000.0]]))
+    vq.sums.copy_(vq.codebook * 10)
+    vq.counts.copy_(torch.tensor([10.0, 10.0, 10.0, 0.1]))  # codes 0-2 alive, code 3 dead and far from the data
+    torch.manual_seed(0)
+    batch = lambda: (torch.tensor([5.0, 5.0]) + 0.01 * torch.randn(16, 2)).t().reshape(1, 2, 16, 1)  # noqa: E731
+    vq(batch())  # no vector reaches code 3: restarted on one of them
+    assert vq.counts[3] == 2.0 and (vq.codebook[3] - torch.tensor([5.0, 5.0])).abs().max() < 0.1
+    torch.testing.assert_close(vq.sums[3], 2 * vq.codebook[3])
+    for step in range(3):  # now every vector goes to code 3: it stays, its count follows the EMA
+        before = vq.counts[3].item()
+        vq(batch())
+        torch.testing.assert_close(vq.counts[3], torch.tensor(0.99 * before + 0.01 * 16))
+        assert vq.counts[3] >= 2.0

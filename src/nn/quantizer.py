@@ -9,7 +9,9 @@ assignments instead of a gradient:
     m_k <- g m_k + (1 - g) sum_{z -> k} z      e_k = m_k / N~_k  (N~: Laplace-smoothed counts)
 
 Codes whose count N_k falls below ``restart_threshold`` (vectors per batch, on average) are restarted on random
-encoder outputs of the batch (as Jukebox does against codebook collapse). The codebook starts from the first batch's encoder outputs. Counts and sums
+encoder outputs of the batch (as Jukebox does against codebook collapse), with N_k set to max(threshold, 1) and
+m_k to that many copies of the new code: a restarted code that then takes at least ``restart_threshold`` vectors a
+batch stays alive (set to 1 under a threshold of 2, it would be drawn again at every step, used or not). The codebook starts from the first batch's encoder outputs. Counts and sums
 are reduced over all processes and restarts are drawn identically on every rank, so every rank keeps the same
 codebook. The state lives in buffers: it checkpoints, and a skipped step restores it.
 """
@@ -97,6 +99,7 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(self.sums / smoothed.unsqueeze(1))
         dead = (self.counts < self.restart_threshold).unsqueeze(1)  # K x 1, no host sync: every code gets a candidate
         fresh = self._draw(flat, self.num_codes)
+        restart = max(self.restart_threshold, 1.0)  # the count a restarted code starts from (codebook = sums / count)
         self.codebook.copy_(torch.where(dead, fresh, self.codebook))
-        self.sums.copy_(torch.where(dead, fresh, self.sums))
-        self.counts.copy_(torch.where(dead.squeeze(1), torch.ones_like(self.counts), self.counts))
+        self.sums.copy_(torch.where(dead, fresh * restart, self.sums))
+        self.counts.copy_(torch.where(dead.squeeze(1), torch.full_like(self.counts, restart), self.counts))
