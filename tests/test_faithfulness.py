@@ -205,3 +205,25 @@ def test_swav_queue_starts_at_its_epoch():
     trainer.fit(method, datamodule=instantiate(cfg.data))
     assert filled == [0, 32]  # nothing in epoch 0; two batches of 16 in epoch 1
     assert len(method.param_groups()) == 1  # LARC adapts and decays every parameter
+
+
+# ---- fine-tuning (MAE main_finetune.py + util/lr_decay.py, DeiT) ---------------------------------------------------
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
+def test_finetune_trains_everything_and_spares_tokens_from_weight_decay(pos_embed):
+    """MAE's param_groups_lrd: no weight decay on 1-D parameters nor on timm's no_weight_decay() names (cls_token,
+    pos_embed); what pre-training froze (MoCo v3's patch projection, sin-cos positions) is trained when fine-tuning."""
+    from src.nn.optim import finetune_param_groups
+
+    backbone = instantiate(tiny_cfg("moco_v3", f"backbone.pos_embed={pos_embed}", "backbone.freeze_patch_embed=true",
+                                    vit=True).backbone)
+    assert not backbone.net.patch_embed.proj.weight.requires_grad
+    head = nn.Linear(backbone.out_dim, 10)
+    groups = finetune_param_groups(backbone, head, 0.05, 0.75)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(backbone.named_parameters())
+    assert len(decay) == len(named) + 2 and all(p.requires_grad for p in named.values())  # + the head's weight, bias
+    for name in ("net.cls_token", "net.pos_embed", "net.patch_embed.proj.bias", "net.norm.weight"):
+        assert decay[id(named[name])] == 0.0, name
+    for name in ("net.patch_embed.proj.weight", "net.blocks.0.attn.qkv.weight"):
+        assert decay[id(named[name])] == 0.05, name
+    assert decay[id(head.weight)] == 0.05 and decay[id(head.bias)] == 0.0

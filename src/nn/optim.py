@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import inspect
+import re
 import shutil
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from src.utils.errors import UserError
 
 
 def decay_groups(params, **options) -> list[dict]:
@@ -18,6 +22,63 @@ def decay_groups(params, **options) -> list[dict]:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, **options}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **options}]
+
+
+# a ViT's embedding parameters (layer 0 under layer-wise decay): patch projection and tokens
+EMBEDDING = ("patch_embed", "cls_token", "pos_embed", "reg_token", "register_tokens", "mask_token")
+# tokens without weight decay (timm's VisionTransformer.no_weight_decay and DINOv2's/iBOT's extra tokens)
+NO_DECAY_TOKENS = ("cls_token", "pos_embed", "reg_token", "dist_token", "register_tokens", "mask_token")
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """ViT depth of each parameter: 0 for the patch embedding and tokens, i + 1 for block i, L + 1 for the rest
+    (final norm); empty when the model has no ``blocks.<i>`` (not a ViT). As MAE's ``get_layer_id_for_vit``."""
+    names = [n for n, _ in model.named_parameters()]
+    blocks = {n: int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)blocks\.(\d+)\.", n))}
+    if not blocks:
+        return {}
+    depth = max(blocks.values()) + 1
+    return {n: blocks[n] + 1 if n in blocks else 0 if any(e in n for e in EMBEDDING) else depth + 1 for n in names}
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters kept out of weight decay by name: what each submodule's ``no_weight_decay()``
+    lists (timm: ``pos_embed``, ``cls_token``, ...) and the tokens of :data:`NO_DECAY_TOKENS`."""
+    names = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{n}" if prefix else n for n in listed()}
+    return names | {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in NO_DECAY_TOKENS}
+
+
+def finetune_param_groups(model: nn.Module, head: nn.Module, weight_decay: float,
+                          layer_decay: float | None) -> list[dict]:
+    """Optimizer groups for fine-tuning ``model`` with a new ``head``, each with its learning-rate scale
+    (``lr_scale``), as MAE's ``param_groups_lrd`` (and BEiT's, DeiT's) build them:
+
+    - every parameter of ``model`` is trained: those frozen in pre-training (sin-cos positions, MoCo v3's patch
+      projection) are unfrozen here (``requires_grad`` set), as MAE / DeiT fine-tuning trains them;
+    - no weight decay on biases and norms (ndim <= 1) nor on the tokens and position embedding
+      (:func:`no_weight_decay_names`: timm's ``no_weight_decay()``);
+    - ``layer_decay`` (ViTs only): block i of L gets ``layer_decay^(L + 1 - i)`` of the rate, the patch embedding and
+      tokens ``layer_decay^(L + 1)``, the final norm and the head 1."""
+    model.requires_grad_(True)
+    ids = layer_ids(model) if layer_decay is not None else {}
+    if layer_decay is not None and not ids:
+        raise UserError(f"protocols.finetune.layer_decay={layer_decay} is for ViT backbones (blocks.<i>); this "
+                        "backbone has none, set it to null")
+    top = max(ids.values(), default=0)
+    no_decay = no_weight_decay_names(model)
+    groups: dict[tuple[float, bool], list] = {}
+    named = [*model.named_parameters(), *(("head." + n, p) for n, p in head.named_parameters())]
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        scale = layer_decay ** (top - ids[name]) if name in ids else 1.0
+        groups.setdefault((scale, p.ndim <= 1 or name in no_decay), []).append(p)
+    return [{"params": ps, "lr_scale": scale, "weight_decay": 0.0 if skip else weight_decay}
+            for (scale, skip), ps in groups.items()]
 
 
 def compile_unavailable(device: torch.device) -> str | None:

@@ -5,16 +5,17 @@ The subset is a class-balanced ``label_fraction`` of the labelled train split dr
 back from there on the next run, so every checkpoint (and the random-init baseline) is fine-tuned on the same
 images; ``subset_file`` gives a list instead (indices, or file names such as SimCLR's ImageNet 1% / 10% lists).
 Training: random resized crop + flip on the device, SGD with Nesterov momentum (or AdamW), the learning rate scaled
-by batch / 256 with a warm-up and a cosine decay per step, no weight decay on biases and norms, and optionally
-BEiT / MAE's layer-wise decay for ViTs (``layer_decay``: block i of L gets ``layer_decay^(L + 1 - i)`` of the
-rate, the patch embedding ``layer_decay^(L + 1)``). Measured on the evaluation view of the evaluation split.
+by batch / 256 with a warm-up and a cosine decay per step; every backbone parameter trained (also those frozen in
+pre-training), no weight decay on biases, norms, tokens and position embeddings, and optionally BEiT / MAE's
+layer-wise decay for ViTs (``layer_decay``: block i of L gets ``layer_decay^(L + 1 - i)`` of the rate, the patch
+embedding ``layer_decay^(L + 1)``): :func:`src.nn.optim.finetune_param_groups`. Measured on the evaluation view of
+the evaluation split.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.nn.metrics import accuracy
+from src.nn.optim import finetune_param_groups as param_groups
+from src.nn.optim import layer_ids  # noqa: F401 (part of this module's interface)
 from src.nn.schedules import warmup_cosine
 from src.protocols import Protocol, Subject, percent
 from src.protocols.data import (
@@ -34,39 +37,8 @@ from src.protocols.data import (
     write_subset,
 )
 from src.protocols.features import extract_features
-from src.utils.errors import UserError
 
 OPTIMIZERS = ("sgd", "adamw")
-EMBEDDING = ("patch_embed", "cls_token", "pos_embed", "reg_token", "mask_token")
-
-
-def layer_ids(model: nn.Module) -> dict[str, int]:
-    """ViT depth of each parameter: 0 for the patch embedding and tokens, i + 1 for block i, L + 1 for the rest
-    (final norm); empty when the model has no ``blocks.<i>`` (not a ViT)."""
-    names = [n for n, _ in model.named_parameters()]
-    blocks = {n: int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)blocks\.(\d+)\.", n))}
-    if not blocks:
-        return {}
-    depth = max(blocks.values()) + 1
-    return {n: blocks[n] + 1 if n in blocks else 0 if any(e in n for e in EMBEDDING) else depth + 1 for n in names}
-
-
-def param_groups(model: nn.Module, head: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict]:
-    """Groups with their learning-rate scale (``lr_scale``): weight decay on weights only, layer-wise decay on ViTs."""
-    ids = layer_ids(model) if layer_decay is not None else {}
-    if layer_decay is not None and not ids:
-        raise UserError(f"protocols.finetune.layer_decay={layer_decay} is for ViT backbones (blocks.<i>); this "
-                        "backbone has none, set it to null")
-    top = max(ids.values(), default=0)
-    groups: dict[tuple[float, bool], list] = {}
-    named = [*model.named_parameters(), *(("head." + n, p) for n, p in head.named_parameters())]
-    for name, p in named:
-        if not p.requires_grad:
-            continue
-        scale = layer_decay ** (top - ids[name]) if name in ids else 1.0
-        groups.setdefault((scale, p.ndim <= 1), []).append(p)
-    return [{"params": ps, "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay}
-            for (scale, no_decay), ps in groups.items()]
 
 
 class FineTune(Protocol):
