@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch + torchvision first: this pair installs from local files on the project's machines
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install --quiet torch torchvision
-	$(PY) -m pip install --quiet -e ".[dev,clip,sweep,slurm,bench]"
+	$(PY) -m pip install --quiet -e ".[dev,clip,sweep,slurm,bench,onnx,parquet]"
 	-$(MAKE) --no-print-directory data
 	touch $(STAMP)
 

@@ -94,6 +94,9 @@ def evaluate_backbone(overrides: list[str], protocols: list[str] = ()) -> dict:
     weights = cfg.backbone.get("pretrained")
     head = {"weights": weights or "random initialisation", "backbone": choices.get("backbone"), "data": choices.get("data")}
     random = lambda: build_backbone(cfg.backbone, fresh=True)  # noqa: E731 - the same backbone, its own initialisation
+    if getattr(backbone, "image_text", None) is not None and choices.get("method") == "clip":  # a CLIP snapshot:
+        backbone = instantiate(cfg.method, backbone=backbone, views=instantiate(cfg.views))  # both towers (zero-shot)
+        random = lambda: build_method(cfg, fresh=True)  # noqa: E731
     return {**head, **measure(backbone, instantiate(cfg.views), cfg, protocols, random,
                               Path(weights) if weights else None)}
 

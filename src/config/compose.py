@@ -24,6 +24,14 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("size_of_images"):  # data=imagefolder's image_size: ${size_of_images:root,train_dir}
         OmegaConf.register_new_resolver(
             "size_of_images", lambda root, sub: size_of_images(os.path.join(str(root), str(sub or ""))) if root else None)
+    if not OmegaConf.has_resolver("hf_preprocessing"):  # backbone=hf: the snapshot's mean/std (conf/backbone/hf.yaml)
+        OmegaConf.register_new_resolver("hf_preprocessing", _hf_preprocessing)
+
+
+def _hf_preprocessing(name, key, channels):
+    from src.backbones.hf import snapshot_statistic
+
+    return snapshot_statistic(name, key, channels)
 
 
 _register_resolvers()

@@ -8,7 +8,10 @@ closest to its own caption's among the batch (Figure 3's pseudocode):
 
 ``t`` is learned, initialised to log(1 / 0.07) and clamped after every optimizer step so that exp(t) <= 100.
 The image encoder is any backbone of the framework; the text encoder is open_clip's Transformer over its
-BPE tokenizer (src/nn/text.py). Batches carry the captions' tokens (``data.captions``: a caption file,
+BPE tokenizer (src/nn/text.py). With ``backbone=hf`` on a CLIP snapshot (transformers' CLIPModel, or an open_clip
+checkpoint), the snapshot's text tower, image projection and logit scale are loaded too (their sizes replace
+``method.embed_dim``, ``context_length`` and ``text_*``): zero-shot, retrieval and search then use OpenAI's or
+LAION's CLIP as it is. Batches carry the captions' tokens (``data.captions``: a caption file,
 WebDataset shards, or ``class_prompts``); the tokenizer runs in the loader workers.
 """
 
@@ -38,11 +41,46 @@ class CLIP(SSLMethod):
             raise UserError(f"method.init_temperature={init_temperature}: needs 0 < t and 1/t <= "
                             f"method.max_logit_scale={max_logit_scale}")
         self.gather, self.local_loss, self.max_logit_scale = gather, local_loss, max_logit_scale
+        towers = getattr(backbone, "image_text", None)  # an image–text snapshot's text side (src/backbones/hf.py)
+        mlp_ratio, act = 4.0, "gelu"
+        if towers is not None:  # its sizes, not method.embed_dim / context_length / text_*
+            t = towers.text
+            embed_dim, context_length, text_width, text_heads, text_layers = (t.output_dim, t.context_length, t.width,
+                                                                              t.heads, t.layers)
+            mlp_ratio, act = t.mlp_ratio, t.act
         self.image_proj = nn.Linear(backbone.out_dim, embed_dim, bias=False)
         self.tokenizer = Tokenizer(context_length)
+        if towers is not None and towers.text.vocab_size != self.tokenizer.vocab_size:
+            raise UserError(f"backbone.name={towers.snapshot.name}: its text tower reads {towers.text.vocab_size} "
+                            f"tokens, but method=clip tokenizes with CLIP's BPE of {self.tokenizer.vocab_size}; use "
+                            "a CLIP snapshot with CLIP's own vocabulary")
         self.text = TextEncoder(self.tokenizer.vocab_size, context_length, text_width, text_heads, text_layers,
-                                embed_dim)
+                                embed_dim, mlp_ratio=mlp_ratio, act=act)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        if towers is not None:
+            self._load_towers(towers)
+
+    def _load_towers(self, towers) -> None:
+        """The text tower, the image projection and the logit scale of the snapshot the backbone was loaded from
+        (its weights; none when the backbone has random weights)."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        t = towers.text
+        what = (f"text tower of {t.layers} blocks x {t.width} ({t.heads} heads, {t.act}, {t.context_length} tokens), "
+                f"{t.output_dim}-d embeddings")
+        weights = towers.weights()
+        if weights is None:
+            rank_zero_info(f"method=clip: {what} as in {towers.snapshot.name}, random weights")
+            return
+        want = {k for k in self.state_dict() if k.startswith(("text.", "image_proj.")) or k == "logit_scale"}
+        missing, extra = sorted(want - weights.keys()), sorted(weights.keys() - want)
+        if missing or extra:
+            raise UserError(f"backbone.name={towers.snapshot.name}: its text side does not fit method=clip "
+                            f"(missing {missing[:2]}, unexpected {extra[:2]}); is it a complete CLIP snapshot?")
+        self.load_state_dict(weights, strict=False)
+        rank_zero_info(f"method=clip: {what}, image projection and logit scale (exp = "
+                       f"{float(self.logit_scale.detach().exp()):.1f}) from {towers.snapshot.name}; method.embed_dim, "
+                       "context_length and text_* are not used")
 
     # ---- the two towers (what zero-shot, retrieval and search read) -------------------------------
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:

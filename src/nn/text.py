@@ -43,18 +43,27 @@ class Tokenizer:
         return self.bpe.decode(ids).strip()
 
 
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
 class TextEncoder(nn.Module):
     """Token ids (B, L) -> text features (B, output_dim): open_clip's ``TextTransformer`` (token + position
-    embeddings, ``layers`` causal pre-norm blocks, a final LayerNorm, the end-of-text token's feature, a
-    linear projection)."""
+    embeddings, ``layers`` causal pre-norm blocks with an MLP ``mlp_ratio`` times wider, a final LayerNorm, the
+    end-of-text token's feature, a linear projection). ``act``: the MLP's activation, ``gelu`` (open_clip's own
+    models) or ``quick_gelu`` (OpenAI's CLIP: x * sigmoid(1.702 x), the weights of CLIP snapshots)."""
 
     def __init__(self, vocab_size: int, context_length: int = 77, width: int = 512, heads: int = 8,
-                 layers: int = 12, output_dim: int = 512):
+                 layers: int = 12, output_dim: int = 512, mlp_ratio: float = 4.0, act: str = "gelu"):
         super().__init__()
         if width % heads:
             raise UserError(f"method.text_width={width} is not divisible by method.text_heads={heads}")
-        self.net = _open_clip().transformer.TextTransformer(context_length=context_length, vocab_size=vocab_size, width=width, heads=heads,
-                                   layers=layers, output_dim=output_dim, pool_type="argmax")
+        if act not in ACTIVATIONS:
+            raise UserError(f"text tower activation {act!r}; allowed: {', '.join(ACTIVATIONS)}")
+        transformer = _open_clip().transformer
+        self.net = transformer.TextTransformer(
+            context_length=context_length, vocab_size=vocab_size, width=width, heads=heads, layers=layers,
+            output_dim=output_dim, pool_type="argmax", mlp_ratio=mlp_ratio,
+            act_layer=transformer.QuickGELU if act == "quick_gelu" else nn.GELU)
         self.out_dim = output_dim
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
