@@ -1,14 +1,20 @@
-"""`python -m src.export CKPT --format torchvision|timm|state_dict [--out FILE]`: the trained backbone alone, with
-the keys its library expects, for use in your own code.
+"""`python -m src.export CKPT --format torchvision|timm|state_dict|onnx [--out FILE]`: the trained backbone alone,
+with the keys its library expects (or as an ONNX graph), for use in your own code.
 
 - ``torchvision`` (ResNet backbones): loads with ``strict=True`` into ``torchvision.models.<arch>()`` once its
   ``fc`` is ``nn.Identity()`` (and, for the CIFAR stem or grayscale data, its first conv replaced as the JSON says);
 - ``timm`` (ViT backbones and ``backbone=timm``): loads with ``strict=True`` into ``timm.create_model(**create)``,
   the keyword arguments written in the JSON;
 - ``state_dict`` (any backbone, the convnet included): the backbone's own state dict, for
-  ``hydra.utils.instantiate(json["backbone"])``.
+  ``hydra.utils.instantiate(json["backbone"])``;
+- ``onnx`` (any backbone; the ``[onnx]`` extra: onnx, onnxruntime, onnxscript): the backbone as an ONNX graph
+  (torch.onnx's exporter, opset :data:`ONNX_OPSET`) from normalised images ``images`` (batch x C x H x W, float32,
+  the batch dynamic) to ``features`` (batch x D); the JSON gives the opset, the input size, the channels and the
+  normalisation to apply first. onnxruntime's features on a batch of another size than the one exported must match
+  the checkpoint's backbone, else nothing is written.
 
-The weights go to ``FILE`` (default ``<ckpt>.<format>.pt``; ``.safetensors`` also works) and a JSON beside it
+The weights go to ``FILE`` (default ``<ckpt>.<format>.pt``, ``<ckpt>.onnx``; ``.safetensors`` also works) and a JSON
+beside it
 (``FILE`` + ``.json``) says what it is: method, backbone and its config, image size, channels, normalisation, and
 how to load it. Before writing, the exported weights are loaded strict into the target library's model and its
 features are compared with the checkpoint's own on a random batch; any difference is an error, and nothing is
@@ -27,7 +33,9 @@ from src.utils.checkpointing import atomic_torch_save
 from src.utils.errors import UserError, fail
 from src.utils.io import write_json_atomic
 
-FORMATS = ("torchvision", "timm", "state_dict")
+FORMATS = ("torchvision", "timm", "state_dict", "onnx")
+ONNX_OPSET = 18
+ONNX_TOLERANCE = dict(rtol=1e-3, atol=1e-4)  # onnxruntime's kernels against PyTorch's, float32
 LIBRARY_BACKBONES = {"torchvision": {"ResNet"}, "timm": {"ViT", "TimmBackbone"}}  # state_dict: every backbone
 
 
@@ -67,6 +75,56 @@ def timm_create_kwargs(backbone_cfg: dict, backbone: nn.Module) -> dict:
             "qkv_bias": bool(backbone_cfg["qkv_bias"]), "init_values": backbone_cfg.get("init_values")}
 
 
+def onnx_missing() -> list[str]:
+    """The packages of the [onnx] extra that are not installed."""
+    import importlib.util
+
+    return [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+
+
+def export_onnx(backbone: nn.Module, channels: int, size: int, out: Path) -> dict:
+    """Write ``backbone`` as an ONNX graph to ``out`` (through a temporary file and a rename) once onnxruntime's
+    features of a batch of 3 match the backbone's (exported with a batch of 2: the batch is dynamic); returns what
+    the JSON says about it. A mismatch is an error and nothing is written."""
+    import os
+    import warnings
+
+    import onnxruntime
+
+    backbone = backbone.float().eval()
+    if sum(p.numel() * p.element_size() for p in backbone.parameters()) > 1.9e9:
+        raise UserError("--format onnx: this backbone's weights exceed 2 GB, ONNX's limit for one file")
+    example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.onnx")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(backbone, (example,), str(tmp), input_names=["images"], output_names=["features"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=ONNX_OPSET,
+                              dynamo=True, external_data=False, verbose=False)
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ours = backbone(x).flatten(1)
+        theirs = torch.from_numpy(session.run(["features"], {"images": x.numpy()})[0])
+        if ours.shape != theirs.shape or not torch.allclose(ours, theirs, **ONNX_TOLERANCE):
+            diff = float((ours - theirs).abs().max()) if ours.shape == theirs.shape else f"shape {tuple(theirs.shape)}"
+            raise UserError(f"--format onnx: onnxruntime's features differ from the checkpoint's backbone (max "
+                            f"difference {diff}, tolerance {ONNX_TOLERANCE}); nothing written. This is a bug, please "
+                            "report it")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"onnx_opset": ONNX_OPSET, "input": {"name": "images", "shape": ["batch", channels, size, size],
+                                                 "dtype": "float32"},
+            "output": {"name": "features", "shape": ["batch", int(ours.shape[1])], "dtype": "float32"},
+            "parity": {"batch": 3, "max_abs_difference": float((ours - theirs).abs().max()),
+                       "min_cosine": float(torch.nn.functional.cosine_similarity(ours, theirs).min()), **ONNX_TOLERANCE},
+            "load": "s = onnxruntime.InferenceSession(FILE); f = s.run(['features'], {'images': x})[0]  # x: float32 "
+                    "(N, C, H, W) in [0, 1], then (x - mean) / std per channel"}
+
+
 def export(ckpt: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict]:
     from src.utils.checkpointing import epochs_trained, load_run_model
 
@@ -80,10 +138,17 @@ def export(ckpt: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict]:
     if fmt not in fits:
         raise UserError(f"--format {fmt} does not fit a {kind} backbone; use --format {' or '.join(fits)}")
     channels = int(data.get("channels", 3))
+    if fmt == "onnx" and (missing := onnx_missing()):
+        raise UserError(f"--format onnx needs {', '.join(missing)}, the optional [onnx] extra: pip install -e '.[onnx]'")
     info = {"checkpoint": str(ckpt), "format": fmt, "method": config["method"]["_target_"].rsplit(".", 1)[-1],
             "backbone": backbone_cfg, "image_size": int(data.get("crop_size") or data.get("image_size")),
             "channels": channels, "mean": data.get("mean"), "std": data.get("std"), "feature_dim": int(backbone.out_dim),
             "epochs": epochs_trained(state)}
+    if fmt == "onnx":
+        out = out or ckpt.with_name(f"{ckpt.stem}.onnx")
+        info.update(export_onnx(backbone, channels, info["image_size"], out))
+        write_json_atomic(out.with_name(out.name + ".json"), info)
+        return out, info
     if fmt == "state_dict":
         weights = _prefixed(method.state_dict(), "backbone.")
         target = type(backbone)(**{k: v for k, v in backbone_cfg.items() if k not in ("_target_", "pretrained")})

@@ -93,3 +93,44 @@ def test_state_dict_export_and_a_format_that_does_not_fit(checkpoints, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err == ["error: --format torchvision does not fit a ViT backbone; use --format timm "
                                          "or state_dict"]
+
+
+# ---- ONNX (the [onnx] extra) ------------------------------------------------------------------------------------
+def test_onnx_graph_has_a_dynamic_batch_and_the_checkpoints_features(checkpoints, capsys, tmp_path):
+    """The ViT (mean pooling, sin-cos positions) as an ONNX graph: onnxruntime's features of a batch of 5 (exported
+    with 2) are the checkpoint's; the JSON says opset, input size, channels and normalisation."""
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "vit.onnx"
+    export_main([str(checkpoints["vit"]), "--format", "onnx", "--out", str(out)])
+    assert f"-> {out}" in capsys.readouterr().out
+    info = json.loads((tmp_path / "vit.onnx.json").read_text())
+    assert info["onnx_opset"] == 18 and info["input"]["shape"] == ["batch", 3, 16, 16] and info["channels"] == 3
+    assert info["mean"] and info["std"] and info["parity"]["min_cosine"] > 0.9999
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    theirs = torch.from_numpy(session.run(["features"], {"images": x.numpy()})[0])
+    backbone = model_from_checkpoint(load_checkpoint(checkpoints["vit"])).backbone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs, backbone(x), rtol=1e-3, atol=1e-4)
+
+
+def test_onnx_mismatch_or_missing_extra_writes_nothing(checkpoints, capsys, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    import src.export
+
+    run = onnxruntime.InferenceSession.run
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", lambda self, *a, **k: [r + 0.01 for r in run(self, *a, **k)])
+    out = tmp_path / "vit.onnx"
+    with pytest.raises(SystemExit) as e:
+        export_main([str(checkpoints["vit"]), "--format", "onnx", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "onnxruntime's features differ from the checkpoint's backbone" in err[0]
+    assert list(tmp_path.iterdir()) == []  # neither the graph, nor its JSON, nor a temporary file
+    monkeypatch.setattr(src.export, "onnx_missing", lambda: ["onnxruntime"])
+    with pytest.raises(SystemExit):
+        export_main([str(checkpoints["vit"]), "--format", "onnx", "--out", str(out)])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --format onnx needs onnxruntime, the optional [onnx] extra: pip install -e '.[onnx]'"]
+    assert list(tmp_path.iterdir()) == []
