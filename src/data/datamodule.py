@@ -35,7 +35,7 @@ class SSLDataModule(L.LightningDataModule):
                  captions: str | None = None, caption_keys: list[str] | None = None, image_root: str | None = None,
                  val_captions: str | None = None, held_out_pairs: int = 1000, num_samples: int | None = None,
                  shuffle_buffer: int = 1000, class_names: list[str] | None = None,
-                 prompt_templates: list[str] | None = None, on_device: bool = False):
+                 prompt_templates: list[str] | None = None, on_device: bool = False, masks: str | None = None):
         super().__init__()
         if name not in IN_MEMORY | FOLDERS | transfer.TRANSFER | {CAPTIONS}:
             allowed = ", ".join(sorted(IN_MEMORY | FOLDERS | transfer.TRANSFER | {CAPTIONS}))
@@ -49,6 +49,11 @@ class SSLDataModule(L.LightningDataModule):
         if on_device and num_workers > 0:
             raise UserError(f"data.on_device=true cuts batches on the device with no loader workers, but "
                             f"data.num_workers={num_workers}; set data.num_workers=0")
+        if masks and name not in FOLDERS:
+            raise UserError(f"data.masks={masks} names foreground masks beside a folder dataset (data=imagefolder, "
+                            f"imagenet or imagenet100), but data={name}; data=pets brings its own trimaps, other "
+                            "data: write the images out as a folder with their masks")
+        self.masks = masks  # protocol=segment: <masks>/<image path under root (or its split)>.png, non-zero = foreground
         self.on_device = on_device  # the pre-training images live on the training device (DeviceLoader)
         self._device_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.name, self.root, self.image_size, self.channels = name, root, image_size, channels
@@ -96,6 +101,9 @@ class SSLDataModule(L.LightningDataModule):
                 raise UserError(f"data.root={self.root}: folder {train} does not exist; point data.root at "
                                 f"the dataset (with {self.train_dir}/ and {self.val_dir}/ inside)")
             self._check_folders(train)
+            if self.masks and not Path(self.masks).is_dir():
+                raise UserError(f"data.masks={self.masks} is not a folder; point it at the masks: one PNG per image, "
+                                "at the image's path under data.root (non-zero pixels = foreground)")
         elif self.name not in {"digits", "fake", CAPTIONS} and not self.root:
             raise UserError(f"data.root is not set for {self.name}; pass data.root=/path/to/data")
         elif self.name in transfer.TRANSFER and not self.download and (why := transfer.missing(self.name, self.root)):
@@ -278,6 +286,20 @@ class SSLDataModule(L.LightningDataModule):
             raise UserError(f"data.class_names has {len(names)} names but {self.name} has {self.num_classes} classes; "
                             "give one name per class, in label order")
         return list(names)
+
+    def segmentation_pairs(self) -> Dataset:
+        """The evaluation split's images with their foreground masks (:class:`src.data.datasets.SegmentationPairs`):
+        Oxford-IIIT Pet's trimaps, or a folder dataset's ``data.masks``; one line when there are none."""
+        if self.name == "pets":
+            return ds.SegmentationPairs(self.eval_val, transfer.pets_trimap, transfer.pets_foreground)
+        if self.masks and isinstance(self.eval_val, ds.FolderImages):
+            roots = [self.root, self.eval_val.root]
+            return ds.SegmentationPairs(self.eval_val, lambda path: ds.folder_mask_path(self.masks, path, roots))
+        if self.masks:
+            raise UserError(f"data.masks={self.masks}: data.root={self.root} has no evaluation folder "
+                            f"({self.val_dir}); the masks are read for its images")
+        raise UserError(f"data={self.name} has no foreground masks: use data=pets (its trimaps) or a folder dataset "
+                        "with data.masks=<folder of PNG masks, at each image's path under data.root>")
 
     # ---- loaders -------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:

@@ -229,12 +229,12 @@ def to_mode(im: Image.Image, mode: str) -> Image.Image:
     return im if im.mode == mode else im.convert(mode)
 
 
-def square(im: Image.Image, image_size: int) -> torch.Tensor:
+def square(im: Image.Image, image_size: int, resample: int = Image.BILINEAR) -> torch.Tensor:
     """A PIL image as uint8 (C, image_size, image_size): resized so its shorter side is ``image_size``
-    (smaller images are upsampled), then centre-cropped."""
+    (smaller images are upsampled), then centre-cropped. ``resample=Image.NEAREST`` for label maps (masks)."""
     w, h = im.size
     s = image_size / min(w, h)
-    im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BILINEAR,
+    im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), resample,
                    reducing_gap=3.0)
     left, top = (im.size[0] - image_size) // 2, (im.size[1] - image_size) // 2
     arr = np.asarray(im.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
@@ -352,3 +352,65 @@ class FolderImages(SkipLog, Dataset):
     def __getitem__(self, i: int):
         j, image = self.readable(i)
         return image, torch.tensor(self.samples[j][1])
+
+
+# ---- foreground masks (protocol=segment) ---------------------------------------------------------------
+MASK_FOUND, MASK_MISSING, MASK_UNREADABLE = 0, 1, 2
+IGNORE = 255  # mask value of pixels that count neither as foreground nor as background (Pets' trimap border)
+
+
+def nonzero_foreground(arr: np.ndarray) -> np.ndarray:
+    """A folder mask's pixels as 1 (any non-zero colour channel: foreground) or 0; alpha is not a colour."""
+    if arr.ndim == 3:
+        arr = arr[..., : 3 if arr.shape[-1] >= 3 else 1]
+        return (arr != 0).any(axis=-1).astype(np.uint8)
+    return (arr != 0).astype(np.uint8)
+
+
+class SegmentationPairs(Dataset):
+    """``(image uint8 (C, S, S), mask uint8 (1, S, S), status)`` for each image of a :class:`FolderImages` split: the
+    image as the split decodes it and its mask file (``mask_of(image path)``) through the same resize and centre
+    crop (nearest neighbour), first resized to the image's own size when it has another. Mask values: 1 foreground,
+    0 background, :data:`IGNORE`. ``status``: :data:`MASK_FOUND`, :data:`MASK_MISSING` (no file) or
+    :data:`MASK_UNREADABLE` (a file that does not decode); then the mask is all :data:`IGNORE`. ``values`` turns the
+    decoded mask array into those values (default: non-zero = foreground)."""
+
+    def __init__(self, images: FolderImages, mask_of, values=nonzero_foreground):
+        self.images, self.mask_of, self.values = images, mask_of, values
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        j, image = self.images.readable(i)
+        path, size = self.images.samples[j][0], self.images.image_size
+        mask_path = self.mask_of(path)
+        if mask_path is None or not os.path.isfile(mask_path):
+            return image, torch.full((1, size, size), IGNORE, dtype=torch.uint8), MASK_MISSING
+        try:
+            with Image.open(path) as im:
+                own = im.size  # the image file's size (its header only)
+            with Image.open(mask_path) as m:
+                m.load()
+                arr = self.values(np.asarray(m))
+            mask = Image.fromarray(arr.astype(np.uint8), "L")
+            if mask.size != own:
+                mask = mask.resize(own, Image.NEAREST)
+            return image, square(mask, size, Image.NEAREST), MASK_FOUND
+        except Exception:  # noqa: BLE001 - a broken mask file is counted, like a broken image
+            return image, torch.full((1, size, size), IGNORE, dtype=torch.uint8), MASK_UNREADABLE
+
+
+def folder_mask_path(masks: str | Path, image: str, roots: list[str | Path]) -> str | None:
+    """The mask of ``image`` under the folder ``masks``: its path relative to the first of ``roots`` that holds it
+    (the dataset root, then the split folder), with a ``.png`` suffix; the first such file that exists (else the
+    first candidate, to be reported missing)."""
+    candidates = []
+    for root in roots:
+        try:
+            rel = Path(image).relative_to(root)
+        except ValueError:
+            continue
+        candidates.append(Path(masks) / rel.with_suffix(".png"))
+    found = next((c for c in candidates if c.is_file()), None)
+    return str(found or (candidates[0] if candidates else Path(masks) / Path(image).with_suffix(".png").name))

@@ -126,3 +126,16 @@ def missing(name: str, root: str) -> str | None:
     return (f"{cls_name} is not under data.root={root} and data.download=false: torchvision expects {layout} there; "
             f"download it where there is internet (torchvision.datasets.{cls_name}(root, download=True)) and copy it, "
             "or set data.root to the folder holding it")
+
+
+def pets_trimap(image: str) -> str:
+    """Oxford-IIIT Pet's trimap of an image: ``.../images/<id>.jpg`` -> ``.../annotations/trimaps/<id>.png``."""
+    p = Path(image)
+    return str(p.parent.parent / "annotations" / "trimaps" / (p.stem + ".png"))
+
+
+def pets_foreground(arr: np.ndarray) -> np.ndarray:
+    """Pets' trimap values as mask values: 1 (the pet) -> 1, 2 (background) -> 0, 3 (the uncertain border around the
+    pet) -> 255 (ignored by the Jaccard index)."""
+    arr = arr[..., 0] if arr.ndim == 3 else arr
+    return np.where(arr == 1, 1, np.where(arr == 3, 255, 0)).astype(np.uint8)
