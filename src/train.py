@@ -33,7 +33,7 @@ from src.callbacks.throughput import ThroughputMonitor
 from src.config.command_line import preflight
 from src.config.compose import CONF_DIR, compose
 from src.config.rules import check_config
-from src.utils.checkpointing import AtomicCheckpointIO, build_method, finished, resumable_runs
+from src.utils.checkpointing import AtomicCheckpointIO, build_method, finished, resumable_runs, resume_problem
 from src.utils.errors import RunInterrupted, UserError, fail
 from src.utils.loggers import build_loggers, finish_loggers, summarise
 from src.utils.results import format_table, write_results
@@ -126,6 +126,8 @@ def train(cfg: DictConfig, run_dir: Path, names: dict[str, str], sweep: tuple[st
     check_config(cfg)
     start = time.time()
     datamodule, method = build_parts(cfg)
+    if cfg.ckpt_path and (problem := resume_problem(method, cfg.ckpt_path)):
+        raise UserError(problem)
     method.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("backbone", "views", "method", "data")}
     callbacks = build_callbacks(cfg, run_dir)
     group, job = sweep or (None, None)

@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     proc = run_cli("data=digits", "backbone.width=8", "data.batch_size=128", "trainer.max_epochs=1",
                    "method.warmup_epochs=0", "eval=final_only", "eval.final.linear_epochs=10",
-                   "eval.final.random_baseline=false", f"hydra.run.dir={run_dir}")
+                   "eval.final.protocols=[knn]", "protocols.knn.ks=[5,20]", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -42,6 +42,11 @@ def test_a_checkpoint_evaluates_to_its_runs_own_numbers(run_dir):
     got = json.loads((run_dir / "checkpoints" / "last.ckpt.eval.json").read_text())
     want = json.loads((run_dir / "results.json").read_text())
     assert (got["knn_top1"], got["linear_top1"]) == (want["knn_top1"], want["linear_top1"])
+    # every figure of the run's final evaluation, random-init baseline and protocols included, is reproduced
+    figures = [k for k in want if k.startswith(("knn_", "linear_", "val_", "random_", "eval_"))]
+    assert {"random_knn_top1", "random_linear_top1", "val_knn_top1", "knn_top1_k5", "random_knn_top1_k20",
+            "eval_holdout_items"} <= set(figures)
+    assert {k: got.get(k) for k in figures} == {k: want[k] for k in figures}
     assert got["method"] == "simclr" and got["data"] == "digits" and "kNN top-1 (%)" in proc.stdout
     assert got["epochs"] == want["epochs"] == 1  # epochs trained, not the 0-based index of the last one
 
@@ -49,6 +54,25 @@ def test_a_checkpoint_evaluates_to_its_runs_own_numbers(run_dir):
 def test_the_wrong_backbone_is_one_line_naming_the_right_one(run_dir):
     line = one_error(run_eval(str(run_dir / "checkpoints" / "last.ckpt"), "backbone=resnet18"))
     assert "does not hold a ResNet backbone" in line and "its run used backbone=convnet" in line
+
+
+class Thing:
+    """An object a safe load refuses (not a tensor or plain value)."""
+
+
+def test_training_from_a_checkpoint_that_does_not_fit_is_one_line(run_dir, tmp_path):
+    """``src.train ckpt_path=<file>`` reads the file as src.eval does: one line, not a traceback, nothing written."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    notes, evil = tmp_path / "notes.ckpt", tmp_path / "evil.ckpt"
+    notes.write_text("hello")
+    torch.save({"state_dict": {}, "payload": Thing()}, evil)
+    common = ("data=digits", "data.batch_size=128", "eval=none", f"hydra.run.dir={tmp_path}/r")
+    cases = {notes: ("backbone.width=8",), evil: ("backbone.width=8",), ckpt: ("backbone=resnet18",),
+             ckpt / "..": ("backbone.width=8",)}
+    lines = [one_error(run_cli(*common, f"ckpt_path={path}", *extra)) for path, extra in cases.items()]
+    assert "is not a readable checkpoint" in lines[0] and "holds Python objects" in lines[1]
+    assert "does not hold a ResNet backbone" in lines[2] and "its run used backbone=convnet" in lines[2]
+    assert "is not a file" in lines[3] and not (tmp_path / "r").exists()
 
 
 def test_the_wrong_width_is_one_line(run_dir):

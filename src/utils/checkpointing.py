@@ -129,12 +129,12 @@ def load_checkpoint(path: Path) -> dict:
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not a readable checkpoint (not a torch.save archive); pass a last.ckpt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors read when used
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f" such as {found.group(1)}" if found else ""
         raise UserError(f"{path} holds Python objects{what} besides tensors and plain values, so it is not loaded "
-                        "(safe loading, weights_only=True); only checkpoints of this framework are evaluated") from e
+                        "(safe loading, weights_only=True); only checkpoints of this framework are read") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:100]})") from e
@@ -189,17 +189,34 @@ def run_choice(ckpt: Path, group: str) -> str | None:
         return None
 
 
-def load_weights(model: Any, state: dict, ckpt: Path) -> None:
-    """Load a checkpoint's weights into ``model`` (a method built from the config), or one line saying what differs:
-    the backbone first (with the backbone its run used, when its run folder says), then the rest of the method."""
+def weights_problem(model: Any, state: dict, ckpt: Path) -> str | None:
+    """One line when a checkpoint's weights do not fit ``model`` (a method built from the config): the backbone first
+    (naming the backbone its run used, when its run folder says), then the rest of the method; None when they fit."""
     expected, found = model.state_dict(), state["state_dict"]
     if problem := weight_mismatch(expected, found, "backbone."):
         name = type(model.backbone).__name__
         trained = run_choice(ckpt, "backbone")
         hint = f"its run used backbone={trained}; pass that" if trained else "pass the backbone it was trained with"
-        raise UserError(f"{ckpt} does not hold a {name} backbone of this configuration: its backbone weights are "
-                        f"{problem}; {hint} (and the run's backbone.* settings)")
+        return (f"{ckpt} does not hold a {name} backbone of this configuration: its backbone weights are "
+                f"{problem}; {hint} (and the run's backbone.* settings)")
     if problem := weight_mismatch(expected, found, ""):
-        raise UserError(f"{ckpt} does not match method {type(model).__name__} as configured: {problem}; pass the "
-                        "method= and method.* settings of its run")
-    model.load_state_dict(found, strict=True)
+        return (f"{ckpt} does not match method {type(model).__name__} as configured: {problem}; pass the "
+                "method= and method.* settings of its run")
+    return None
+
+
+def resume_problem(model: Any, ckpt: str | Path) -> str | None:
+    """``ckpt_path=<file>``: one line when the file is not a checkpoint of this framework, holds objects, or holds
+    weights of another method or backbone than ``model``'s (checked before Lightning reads it); None when it fits."""
+    try:
+        problem = weights_problem(model, load_checkpoint(Path(ckpt)), Path(ckpt))
+    except UserError as e:
+        problem = str(e)
+    return f"ckpt_path={problem}" if problem else None
+
+
+def load_weights(model: Any, state: dict, ckpt: Path) -> None:
+    """Load a checkpoint's weights into ``model``, or raise :func:`weights_problem`'s line."""
+    if problem := weights_problem(model, state, ckpt):
+        raise UserError(problem)
+    model.load_state_dict(state["state_dict"], strict=True)
