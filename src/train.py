@@ -18,7 +18,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import InstantiationException, MissingConfigException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -30,10 +30,10 @@ from src.callbacks.data_health import DataHealth
 from src.callbacks.final_eval import FinalEvaluation
 from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption
 from src.callbacks.throughput import ThroughputMonitor
-from src.config.command_line import preflight
-from src.config.compose import CONF_DIR, compose
+from src.config.command_line import launch_arguments, preflight
+from src.config.compose import CONF_DIR
 from src.config.rules import check_config
-from src.utils.checkpointing import AtomicCheckpointIO, build_method, finished, resumable_runs, resume_problem
+from src.utils.checkpointing import AtomicCheckpointIO, build_method, finished, resume_problem
 from src.utils.errors import RunInterrupted, UserError, fail
 from src.utils.loggers import build_loggers, finish_loggers, summarise
 from src.utils.results import format_table, write_results
@@ -221,64 +221,15 @@ def continue_job(cfg: DictConfig, run_dir: Path) -> float | None:
     return None
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def resume_arguments(argv: list[str]) -> list[str]:
-    """``resume=auto``: the run folder and ``last.ckpt`` of the newest run of the same config (searched in
-    ``hydra.run.dir`` when given, else under ``outputs/``) are added to ``argv``; none found: a fresh run."""
-    if not any(a.startswith("resume=") for a in argv):
-        return argv
-    if "-m" in argv or "--multirun" in argv or any(a.startswith("hparams_search=") for a in argv):
-        return argv  # in a sweep each job continues from its own folder (a requeued SLURM job): continue_job
-    cfg = compose([a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))])
-    if cfg.get("resume") != "auto":
-        return argv
-    given = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
-    search = Path(given[-1]) if given else Path("outputs")
-    runs = resumable_runs(cfg, search) if search.exists() else []
-    say = print if os.environ.get("LOCAL_RANK", "0") == "0" else (lambda *a, **k: None)  # DDP re-launches us
-    if not runs:
-        say(f"resume=auto: no run of this config with a checkpoint under {search}; starting a new run", flush=True)
-        return argv
-    run = runs[0]
-    results, ckpt = run / "results.json", run / "checkpoints" / "last.ckpt"
-    if finished(run):
-        say(f"resume=auto: {run} already finished; its results are in {results}", flush=True)
-        sys.exit(0)
-    say(f"resume=auto: continuing {run} from {ckpt}", flush=True)
-    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "ckpt_path="))]
-    return [*kept, f"hydra.run.dir={_quote(str(run))}", f"ckpt_path={_quote(str(ckpt))}"]
-
-
-def multinode_arguments(argv: list[str]) -> list[str]:
-    """Every node of a multi-node run must write into one run folder: under SLURM (srun without the launcher)
-    ``outputs/<method>_<backbone>_<data>/slurm_<job id>`` is added; elsewhere the user passes the same
-    ``hydra.run.dir`` on every node. Sweeps get one folder per job from Hydra's launcher."""
-    if "-m" in argv or "--multirun" in argv or any(a.startswith(("hydra.run.dir=", "hparams_search=")) for a in argv):
-        return argv
-    # only a hardware choice, a recipe or trainer.num_nodes can ask for several nodes (the default is one):
-    # other launches skip composing the config again (0.1 s of every start, and of every DDP child's)
-    if not any("num_nodes" in a or a.startswith(("hardware=", "experiment=")) for a in argv):
-        return argv
-    cfg = compose([a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))],
-                  return_hydra_config=True)
-    nodes = cfg.trainer.get("num_nodes", 1)
-    if not isinstance(nodes, int) or nodes <= 1:
-        return argv
-    if job := os.environ.get("SLURM_JOB_ID"):
-        choices = cfg.hydra.runtime.choices
-        return [*argv, f"hydra.run.dir=outputs/{choices.method}_{choices.backbone}_{choices.data}/slurm_{job}"]
-    fail([f"trainer.num_nodes={nodes}: every node must write into the same run folder; pass the same "
-          "hydra.run.dir=... on every node (under SLURM the job id names it)"])
-    return argv
-
-
 def main() -> None:
     preflight(sys.argv[1:])
-    sys.argv = [sys.argv[0], *multinode_arguments(resume_arguments(sys.argv[1:]))]
-    hydra_entry()
+    sys.argv = [sys.argv[0], *launch_arguments(sys.argv[1:])]
+    try:
+        hydra_entry()
+    except (ValueError, MissingConfigException) as e:  # Hydra refusing its flags (a run's own errors stop in Hydra)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail([" ".join(str(e).split())])
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
-"""Check the command line before Hydra runs anything: unknown choices, unknown keys, bad values and
-missing data become one line each on stderr and exit code 2, before any run folder is written.
+"""The command line before Hydra runs anything.
 
-Sweeps (``-m method=simclr,moco``) are expanded and every combination is checked.
+:func:`preflight`: unknown choices, unknown keys, bad values and missing data become one line each on stderr and exit
+code 2, before any run folder is written; sweeps (``-m method=simclr,moco``) are expanded and every combination is
+checked. :func:`launch_arguments`: what ``resume=auto`` and multi-node runs add to the command line. Hydra's own
+flags (``--cfg``, ``--info``, ``--help``, ``--config-name``...) are Hydra's business: neither touches them.
 """
 
 from __future__ import annotations
 
 import difflib
 import itertools
+import os
 import re
 import shutil
+import sys
+from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from src.config.compose import compose, config_groups, group_options
 from src.config.rules import config_problems, objective_problems, walk_leaves
+from src.utils.checkpointing import finished, resumable_runs
 from src.utils.errors import UserError, fail
 
 MAX_COMBINATIONS = 256
@@ -179,3 +185,63 @@ def preflight(argv: list[str]) -> None:
     if problems:
         fail(problems)
 
+
+def launch_arguments(argv: list[str]) -> list[str]:
+    """The command line ``src.train`` hands to Hydra: ``argv`` with the run folder (and checkpoint) that ``resume=auto``
+    continues, or the shared run folder of a multi-node run, added. A command line with any of Hydra's own flags
+    (``--cfg``, ``-c``, ``--package``, ``--config-name``, ``-cp``, ``--info``, ``--help``, ``-m``...) goes to Hydra as it
+    is: those print or sweep, and a flag's value is not an override."""
+    if any(a.startswith("-") for a in argv):
+        return argv
+    return multinode_arguments(resume_arguments(argv))
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_arguments(argv: list[str]) -> list[str]:
+    """``resume=auto``: the run folder and ``last.ckpt`` of the newest run of the same config (searched in
+    ``hydra.run.dir`` when given, else under ``outputs/``) are added to ``argv``; none found: a fresh run."""
+    if not any(a.startswith("resume=") for a in argv) or any(a.startswith("hparams_search=") for a in argv):
+        return argv  # in a sweep each job continues from its own folder (a requeued SLURM job): continue_job
+    cfg = compose([a for a in argv if not a.startswith(("hydra.", "hydra/"))])
+    if cfg.get("resume") != "auto":
+        return argv
+    given = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
+    search = Path(given[-1]) if given else Path("outputs")
+    runs = resumable_runs(cfg, search) if search.exists() else []
+    say = print if os.environ.get("LOCAL_RANK", "0") == "0" else (lambda *a, **k: None)  # DDP re-launches us
+    if not runs:
+        say(f"resume=auto: no run of this config with a checkpoint under {search}; starting a new run", flush=True)
+        return argv
+    run = runs[0]
+    results, ckpt = run / "results.json", run / "checkpoints" / "last.ckpt"
+    if finished(run):
+        say(f"resume=auto: {run} already finished; its results are in {results}", flush=True)
+        sys.exit(0)
+    say(f"resume=auto: continuing {run} from {ckpt}", flush=True)
+    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "ckpt_path="))]
+    return [*kept, f"hydra.run.dir={_quote(str(run))}", f"ckpt_path={_quote(str(ckpt))}"]
+
+
+def multinode_arguments(argv: list[str]) -> list[str]:
+    """Every node of a multi-node run must write into one run folder: under SLURM (srun without the launcher)
+    ``outputs/<method>_<backbone>_<data>/slurm_<job id>`` is added; elsewhere the user passes the same
+    ``hydra.run.dir`` on every node. Sweeps get one folder per job from Hydra's launcher."""
+    if any(a.startswith(("hydra.run.dir=", "hparams_search=")) for a in argv):
+        return argv
+    # only a hardware choice, a recipe or trainer.num_nodes can ask for several nodes (the default is one):
+    # other launches skip composing the config again (0.1 s of every start, and of every DDP child's)
+    if not any("num_nodes" in a or a.startswith(("hardware=", "experiment=")) for a in argv):
+        return argv
+    cfg = compose([a for a in argv if not a.startswith(("hydra.", "hydra/"))], return_hydra_config=True)
+    nodes = cfg.trainer.get("num_nodes", 1)
+    if not isinstance(nodes, int) or nodes <= 1:
+        return argv
+    if job := os.environ.get("SLURM_JOB_ID"):
+        choices = cfg.hydra.runtime.choices
+        return [*argv, f"hydra.run.dir=outputs/{choices.method}_{choices.backbone}_{choices.data}/slurm_{job}"]
+    fail([f"trainer.num_nodes={nodes}: every node must write into the same run folder; pass the same "
+          "hydra.run.dir=... on every node (under SLURM the job id names it)"])
+    return argv
