@@ -15,13 +15,13 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from src.callbacks.final_eval import FinalEvaluation
-from src.protocols.image_text import ImageText, image_text_scores
 from src.data import captions as cap
 from src.data.datamodule import SSLDataModule
 from src.data.datasets import SkipLog
 from src.nn.image_text import caption_relevance, retrieval_recall, zeroshot_accuracy, zeroshot_weights
 from src.nn.losses import clip_loss
 from src.nn.text import Tokenizer
+from src.protocols.image_text import ImageText, image_text_scores
 from src.search import main as search_main
 from src.utils.errors import UserError
 from tests.helpers import tiny_cfg, to_plain

@@ -16,8 +16,8 @@ import torch
 from hydra.utils import instantiate
 
 from src.callbacks.health import RepresentationHealth
-from src.nn.knn import knn_predict_sweep, knn_top1
 from src.config.compose import group_options
+from src.nn.knn import knn_predict_sweep, knn_top1
 from src.nn.metrics import accuracy
 from src.protocols.data import balanced_subset, read_subset, write_subset
 from src.protocols.fewshot import episode, mean_interval
