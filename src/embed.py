@@ -136,7 +136,7 @@ def from_overrides(overrides: list[str], method: bool = False) -> Model:
     prep = getattr(backbone, "preprocessing", None)
     if prep is not None:  # a snapshot: its own preprocessing, RGB
         channels = int(backbone.in_channels)
-        key_parts.append(json.dumps([list(map(str, f.stat()[6:9])) for f in backbone.snapshot.weights]))
+        key_parts += [_file_key(f) for f in backbone.snapshot.weights]
         views = Views([{"size": prep.size[0]}], list(prep.mean), list(prep.std), eval_size=None)
         decode = functools.partial(snapshot_decode, resize=prep.resize, crop=prep.crop, resample=prep.resample,
                                    mode="L" if channels == 1 else "RGB")

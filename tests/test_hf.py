@@ -233,3 +233,33 @@ def test_bad_snapshots_are_one_line_each(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     line = one_line(tmp_path, "some-org/some-model")
     assert "not a local folder, and the Hugging Face hub cannot be reached" in line and "backbone.name=DIR" in line
+
+
+def test_clip_snapshot_evaluates_zero_shot_and_searches(tmp_path, capsys, monkeypatch):
+    """python -m src.eval method=clip backbone=hf ... (no checkpoint) reports zero-shot and retrieval figures;
+    python -m src.search runs on the same snapshot."""
+    from PIL import Image
+
+    from src.eval import main as eval_main
+    from src.search import main as search_main
+
+    vision = dict(**SMALL, intermediate_size=64, image_size=32, patch_size=8)
+    model = T.CLIPModel(T.CLIPConfig(text_config=dict(**SMALL, intermediate_size=64), vision_config=vision,
+                                     projection_dim=16))
+    folder = saved(randomised(model), tmp_path / "clip")
+    monkeypatch.chdir(tmp_path)  # search's cache for a snapshot goes under ./outputs/search
+    eval_main(["method=clip", "backbone=hf", f"backbone.name={folder}", "data=fake", "data.image_size=32",
+               "data.crop_size=32", "data.captions=class_prompts", "eval.final.linear_epochs=2",
+               "eval.final.holdout_fraction=0"])
+    results = json.loads((tmp_path / "clip.eval.json").read_text())
+    for key in ("zeroshot_top1", "i2t_r1", "t2i_r1", "random_zeroshot_top1", "knn_top1"):
+        assert 0 <= results[key] <= 100, key
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 36), (80 * i, 30, 200 - 60 * i)).save(images / f"{i}.png")
+    search_main(["method=clip", "backbone=hf", f"backbone.name={folder}", "--images", str(images), "--query",
+                 "a photo of a pattern 1.", "--top", "2"])
+    out = capsys.readouterr()
+    assert "embedding 3 image(s)" in out.err and 'top 2 for "a photo of a pattern 1."' in out.out
+    assert list((tmp_path / "outputs" / "search").glob("*.png"))
