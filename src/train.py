@@ -22,13 +22,13 @@ from hydra.errors import InstantiationException, MissingConfigException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.callbacks.data_health import DataHealth
 from src.callbacks.final_eval import FinalEvaluation
-from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption
+from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption, TrainingStarted, finish_evaluations
 from src.callbacks.throughput import ThroughputMonitor
 from src.config.command_line import launch_arguments, preflight
 from src.config.compose import CONF_DIR
@@ -44,29 +44,6 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")  # DataPosition resumes it
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # BEiT's frozen tokenizer
-
-
-class TrainingStarted(L.Callback):
-    """Whether the fit loop ran. Resumed from a ``last.ckpt`` written after the last epoch (a run killed during its
-    final evaluation), Lightning skips the loop and with it every ``on_train_end``; :func:`train` then runs the final
-    evaluations itself (:func:`finish_evaluations`)."""
-
-    def __init__(self):
-        self.started = False
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = True
-
-
-def finish_evaluations(trainer: L.Trainer, method: L.LightningModule, callbacks: list[L.Callback]) -> None:
-    """The end-of-training evaluations (callbacks marked ``final``) of a run whose training had already ended in the
-    checkpoint it resumed from, on the run's device, with the same results an uninterrupted run writes."""
-    rank_zero_info("training had already ended in the checkpoint (stopped during its final evaluation); "
-                   "running the final evaluation now")
-    method.to(trainer.strategy.root_device)
-    for cb in callbacks:
-        if getattr(cb, "final", False):
-            cb.on_train_end(trainer, method)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:

@@ -12,6 +12,8 @@ tool installed before training (submitit's checkpoint-and-requeue, under ``hydra
 after the checkpoint is written: the tool requeues the job (submitit: global rank 0 runs ``scontrol requeue``)
 and the requeued job continues from ``last.ckpt`` with ``resume=auto``. Lightning's own SLURM requeue is off
 (src/train.py), so exactly one process requeues.
+:class:`TrainingStarted` and :func:`finish_evaluations`: a run resumed from a checkpoint written after its last
+epoch (killed during its final evaluation) still gets its final evaluation.
 """
 
 from __future__ import annotations
@@ -158,3 +160,26 @@ class Preemption(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
+
+
+class TrainingStarted(L.Callback):
+    """Whether the fit loop ran. Resumed from a ``last.ckpt`` written after the last epoch (a run killed during its
+    final evaluation), Lightning skips the loop and with it every ``on_train_end``; :func:`train` then runs the final
+    evaluations itself (:func:`finish_evaluations`)."""
+
+    def __init__(self):
+        self.started = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True
+
+
+def finish_evaluations(trainer: L.Trainer, method: L.LightningModule, callbacks: list[L.Callback]) -> None:
+    """The end-of-training evaluations (callbacks marked ``final``) of a run whose training had already ended in the
+    checkpoint it resumed from, on the run's device, with the same results an uninterrupted run writes."""
+    rank_zero_info("training had already ended in the checkpoint (stopped during its final evaluation); "
+                   "running the final evaluation now")
+    method.to(trainer.strategy.root_device)
+    for cb in callbacks:
+        if getattr(cb, "final", False):
+            cb.on_train_end(trainer, method)
