@@ -178,8 +178,9 @@ def test_gray_data_folds_the_rgb_projection_exactly(tmp_path):
 
 
 def test_continued_pretraining_and_the_run_checkpoint(tmp_path):
-    """method=dino and method=mae train on a snapshot's ViT (the pre-flight check passes), and a run's checkpoint is
-    rebuilt with the snapshot's architecture and the checkpoint's weights."""
+    """method=dino and method=mae train on a snapshot's ViT (the pre-flight check passes; DINOv2's views round their
+    local crops to the snapshot's patch size), and a run's checkpoint is rebuilt with the snapshot's architecture and
+    the checkpoint's weights."""
     model = T.Dinov2Model(T.Dinov2Config(**SMALL, mlp_ratio=2, image_size=32, patch_size=8))
     T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     folder = saved(randomised(model), tmp_path)
@@ -200,6 +201,7 @@ def test_continued_pretraining_and_the_run_checkpoint(tmp_path):
         assert torch.isfinite(trainer.callback_metrics["train/loss"])
         assert not torch.equal(before, ssl.backbone.net.blocks[0].attn.qkv.weight)  # the backbone trained
     trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert config_problems(compose(["method=dinov2", *common])) == []  # its local crops round to the snapshot's patch
     _, again = load_run_model(tmp_path / "last.ckpt", "test")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -208,14 +210,14 @@ def test_continued_pretraining_and_the_run_checkpoint(tmp_path):
 
 def one_line(tmp_path, name, **backbone):
     """The pre-flight's lines about backbone=hf backbone.name=NAME."""
-    overrides = [f"backbone.{k}={v}" for k, v in backbone.items()]
+    overrides = [f"backbone.{k}={'null' if v is None else v}" for k, v in backbone.items()]
     cfg = compose(["backbone=hf", f"backbone.name={name}", "data=digits", "data.image_size=32", "data.crop_size=32",
                    *overrides])
     lines = [p for p in config_problems(cfg) if "backbone" in p]
     assert len(lines) == 1, lines
     with pytest.raises(UserError) as e:  # the constructor says the same
-        HFViT(str(name), pretrained=backbone.get("pretrained", str(name)))
-    assert str(e.value) == lines[0] or "backbone.pretrained" in lines[0]
+        HFViT(str(name), **{"pretrained": str(name), **backbone})
+    assert str(e.value) == lines[0]
     return lines[0]
 
 
@@ -230,6 +232,7 @@ def test_bad_snapshots_are_one_line_each(tmp_path, monkeypatch):
     (tmp_path / "config_only").mkdir()
     make("vit", 32).config.save_pretrained(tmp_path / "config_only")
     assert "has no weights file" in one_line(tmp_path, tmp_path / "config_only")
+    assert "the patch size of" in one_line(tmp_path, tmp_path / "config_only", pretrained=None, patch_size=8)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     line = one_line(tmp_path, "some-org/some-model")
     assert "not a local folder, and the Hugging Face hub cannot be reached" in line and "backbone.name=DIR" in line

@@ -389,9 +389,10 @@ def _open_clip_snapshot(name: str, folder: Path, weights: list[Path]) -> Snapsho
     if vc.get("timm_model_name") or isinstance(vc.get("layers"), list | tuple) or tc.get("hf_model_name"):
         raise UserError(f"backbone.name={name}: an open_clip model with a timm/ResNet image tower or a Hugging Face "
                         "text tower is not supported; use an open_clip ViT (ViT-B-32, ViT-B-16, ViT-L-14, ...)")
-    if not weights:
-        raise UserError(f"backbone.name={name} has no weights file ({' or '.join(OPEN_CLIP_FILES)})")
     if not config:  # sizes from the shapes (as OpenAI's build_model does), 64-wide heads
+        if not weights:
+            raise UserError(f"backbone.name={name} has neither open_clip_config.json nor a weights file "
+                            f"({' or '.join(OPEN_CLIP_FILES)}); pass an open_clip checkpoint")
         state = read_weights(weights, name)
         if "visual.conv1.weight" not in state or "token_embedding.weight" not in state:
             raise UserError(f"backbone.name={name}: neither a transformers snapshot (no config.json beside it) nor an "
@@ -453,14 +454,21 @@ def read_weights(files: list[Path], name: str) -> dict[str, Tensor]:
     return state
 
 
-def snapshot_statistic(name, key: str, channels) -> list[float]:
-    """The snapshot's normalisation ``key`` ("mean" or "std") for ``channels``-channel data (the resolver of
-    conf/backbone/hf.yaml): the channel mean of the three values for grayscale data. Where the snapshot cannot be
-    read, ImageNet's (the backbone's own check then says what is wrong with backbone.name)."""
+def snapshot_value(name, key: str, channels=3):
+    """A value of the snapshot ``name`` for the config (the resolver ``hf_snapshot`` of conf/backbone/hf.yaml):
+    ``mean`` / ``std`` of its normalisation for ``channels``-channel data (the channel mean of the three values for
+    grayscale data), or its ``patch_size`` (views that round their crops to whole patches read it). Where the snapshot
+    cannot be read: ImageNet's statistics, patch 16 (the backbone's own check then says what is wrong with
+    backbone.name)."""
     try:
-        prep = open_snapshot(name).preprocessing
-        values = list(prep.mean if key == "mean" else prep.std)
+        snap = open_snapshot(name)
     except UserError:
+        snap = None
+    if key == "patch_size":
+        return snap.vision.patch_size if snap is not None else 16
+    if snap is not None:
+        values = list(snap.preprocessing.mean if key == "mean" else snap.preprocessing.std)
+    else:
         values = list(IMAGENET[0] if key == "mean" else IMAGENET[1])
     if channels == 1 and len(values) == 3:
         values = [sum(values) / 3]
@@ -647,16 +655,18 @@ class HFViT(ViT):
     the module docstring). Everything else of the ViT API (token API, ``last_attention``, ``add_mask_token``) is
     :class:`src.backbones.vit.ViT`'s.
 
-    ``preprocessing`` is the snapshot's (src.embed applies it); ``image_text`` the text side of an image–text snapshot
-    for method=clip (None otherwise)."""
+    ``patch_size`` is the snapshot's (conf/backbone/hf.yaml reads it so that views can round crops to whole patches;
+    another value is refused). ``preprocessing`` is the snapshot's (src.embed applies it); ``image_text`` the text side
+    of an image–text snapshot for method=clip (None otherwise)."""
 
     def __init__(self, name: str | None = None, pretrained: str | None = None, img_size: int | None = None,
-                 in_channels: int | None = None, pool: str = "cls", drop_path_rate: float = 0.0):
+                 in_channels: int | None = None, pool: str = "cls", drop_path_rate: float = 0.0,
+                 patch_size: int | None = None):
         snap = open_snapshot(name)
         a = snap.vision
         img_size = int(img_size or snap.preprocessing.size[0])
         in_channels = int(in_channels or a.channels)
-        for problem in _own_problems(snap, img_size, in_channels, pool):
+        for problem in _own_problems(snap, img_size, in_channels, pool, patch_size):
             raise UserError(problem)
         super().__init__(img_size=img_size, patch_size=a.patch_size, in_channels=in_channels, embed_dim=a.width,
                          depth=a.depth, num_heads=a.heads, mlp_ratio=a.mlp_ratio, qkv_bias=a.qkv_bias, pool=pool,
@@ -679,8 +689,7 @@ class HFViT(ViT):
         else:
             files = open_snapshot(source).weights
         if not files:
-            raise UserError(f"backbone.name={snap.name} has no weights file ({' or '.join(WEIGHT_FILES[::2])}); pass "
-                            "a complete snapshot, or backbone.pretrained=null for random weights")
+            raise UserError(_no_weights(snap))
         state = read_weights(files, source)
         ours, rest = vision_state(state, snap)
         want = self.net.state_dict()
@@ -725,15 +734,15 @@ class HFViT(ViT):
             return [str(e)]
         pretrained = b.get("pretrained")
         if pretrained and pretrained == b.get("name") and not snap.weights:
-            return [f"backbone.name={snap.name} has no weights file ({' or '.join(WEIGHT_FILES[::2])}); pass a complete "
-                    "snapshot, or backbone.pretrained=null for its architecture with random weights"]
+            return [_no_weights(snap)]
         if pretrained and pretrained != b.get("name") and not Path(str(pretrained)).expanduser().exists():
             try:
                 open_snapshot(pretrained)
             except UserError as e:
                 return [str(e).replace("backbone.name=", "backbone.pretrained=")]
         img_size = b.get("img_size") or snap.preprocessing.size[0]
-        problems = _own_problems(snap, int(img_size), int(b.get("in_channels") or snap.vision.channels), b.get("pool"))
+        problems = _own_problems(snap, int(img_size), int(b.get("in_channels") or snap.vision.channels), b.get("pool"),
+                                 b.get("patch_size"))
         if problems:
             return problems
         from omegaconf import OmegaConf
@@ -747,9 +756,18 @@ class HFViT(ViT):
         return [p.replace(f"backbone.patch_size={a.patch_size}", shown) for p in ViT.config_problems(view)]
 
 
-def _own_problems(snap: Snapshot, img_size: int, in_channels: int, pool) -> list[str]:
+def _no_weights(snap: Snapshot) -> str:
+    files = OPEN_CLIP_FILES if snap.kind == "open_clip" else WEIGHT_FILES[::2]
+    return (f"backbone.name={snap.name} has no weights file ({' or '.join(files)}); pass a complete snapshot, or "
+            "backbone.pretrained=null for its architecture with random weights")
+
+
+def _own_problems(snap: Snapshot, img_size: int, in_channels: int, pool, patch_size=None) -> list[str]:
     problems = []
     p = snap.vision.patch_size
+    if patch_size is not None and patch_size != p:
+        problems.append(f"backbone.patch_size={patch_size}: the patch size of {snap.name} is {p}, fixed by its weights; "
+                        "leave backbone.patch_size as backbone=hf sets it")
     if img_size % p:
         lower = img_size - img_size % p
         problems.append(f"backbone.img_size={img_size} (data.crop_size) is not a multiple of the patch size {p} of "

@@ -24,14 +24,14 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("size_of_images"):  # data=imagefolder's image_size: ${size_of_images:root,train_dir}
         OmegaConf.register_new_resolver(
             "size_of_images", lambda root, sub: size_of_images(os.path.join(str(root), str(sub or ""))) if root else None)
-    if not OmegaConf.has_resolver("hf_preprocessing"):  # backbone=hf: the snapshot's mean/std (conf/backbone/hf.yaml)
-        OmegaConf.register_new_resolver("hf_preprocessing", _hf_preprocessing)
+    if not OmegaConf.has_resolver("hf_snapshot"):  # backbone=hf: the snapshot's mean, std, patch size (conf/backbone/hf.yaml)
+        OmegaConf.register_new_resolver("hf_snapshot", _hf_snapshot)
 
 
-def _hf_preprocessing(name, key, channels):
-    from src.backbones.hf import snapshot_statistic
+def _hf_snapshot(name, key, channels=3):
+    from src.backbones.hf import snapshot_value
 
-    return snapshot_statistic(name, key, channels)
+    return snapshot_value(name, key, channels)
 
 
 _register_resolvers()
