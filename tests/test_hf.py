@@ -266,3 +266,33 @@ def test_clip_snapshot_evaluates_zero_shot_and_searches(tmp_path, capsys, monkey
     out = capsys.readouterr()
     assert "embedding 3 image(s)" in out.err and 'top 2 for "a photo of a pattern 1."' in out.out
     assert list((tmp_path / "outputs" / "search").glob("*.png"))
+
+
+def test_hub_id_downloads_the_snapshot_files(tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub.hf_hub_download (here answering from a local folder, as its cache
+    would): config, preprocessing, then the first weights file the repository has."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    import src.backbones.hf as hf
+
+    model = randomised(make("vit", 32))
+    saved(model, tmp_path / "hub")
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append(filename)
+        if not (tmp_path / "hub" / filename).is_file():
+            raise EntryNotFoundError(f"{repo} has no {filename}")
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        return shutil.copy(tmp_path / "hub" / filename, tmp_path / "cache" / filename)
+
+    monkeypatch.setattr(hf, "_hub_reachable", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    ours = HFViT("test-org/tiny-vit", pretrained="test-org/tiny-vit", img_size=32).eval()
+    assert asked == ["config.json", "preprocessor_config.json", "model.safetensors"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert cosine(ours(x), model(pixel_values=x).last_hidden_state[:, 0]) >= COSINE

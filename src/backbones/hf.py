@@ -206,12 +206,14 @@ def _download(repo: str) -> Path:
     if why := _hub_reachable():
         raise UserError(_offline_line(repo, why))
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     def get(filename: str) -> Path | None:
         try:
             return Path(hf_hub_download(repo, filename))
-        except EntryNotFoundError:
+        except LocalEntryNotFoundError:  # the hub did not answer and the file is not in the local cache
+            raise UserError(_offline_line(repo, "no answer, and not in the local cache")) from None
+        except EntryNotFoundError:  # the repository has no such file
             return None
         except RepositoryNotFoundError:
             raise UserError(f"backbone.name={repo} is not a local folder, nor a model on the Hugging Face hub (or a "
