@@ -136,7 +136,7 @@ def export(ckpt: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict]:
     kind = backbone_cfg["_target_"].rsplit(".", 1)[-1]
     fits = [f for f in FORMATS if kind in LIBRARY_BACKBONES.get(f, {kind})]
     if fmt not in fits:
-        raise UserError(f"--format {fmt} does not fit a {kind} backbone; use --format {' or '.join(fits)}")
+        raise UserError(f"--format {fmt} does not fit a {kind} backbone; use --format {', '.join(fits[:-1])} or {fits[-1]}")
     channels = int(data.get("channels", 3))
     if fmt == "onnx" and (missing := onnx_missing()):
         raise UserError(f"--format onnx needs {', '.join(missing)}, the optional [onnx] extra: pip install -e '.[onnx]'")

@@ -91,8 +91,8 @@ def test_state_dict_export_and_a_format_that_does_not_fit(checkpoints, capsys):
     with pytest.raises(SystemExit) as e:
         export_main([str(checkpoints["vit"]), "--format", "torchvision"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err == ["error: --format torchvision does not fit a ViT backbone; use --format timm "
-                                         "or state_dict"]
+    assert e.value.code == 2 and err == ["error: --format torchvision does not fit a ViT backbone; use --format timm, "
+                                         "state_dict or onnx"]
 
 
 # ---- ONNX (the [onnx] extra) ------------------------------------------------------------------------------------
