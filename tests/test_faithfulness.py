@@ -227,3 +227,121 @@ def test_finetune_trains_everything_and_spares_tokens_from_weight_decay(pos_embe
     for name in ("net.patch_embed.proj.weight", "net.blocks.0.attn.qkv.weight"):
         assert decay[id(named[name])] == 0.05, name
     assert decay[id(head.weight)] == 0.05 and decay[id(head.bias)] == 0.0
+
+
+# ---- heads, loss scales, BatchNorm per view, initialisation (item 8 of the audit) ----------------------------------
+def test_heads_follow_the_references():
+    """SimCLR: bias-free linears, output BatchNorm with a scale and no shift (model_util.projection_head); BYOL
+    (networks.MLP), Barlow Twins and VICReg (Projector): no bias in the last linear."""
+    simclr = build(tiny_cfg("simclr"))
+    last = simclr.projector[-1]
+    assert isinstance(last, nn.BatchNorm1d) and last.weight is not None and last.bias is None
+    assert all(m.bias is None for m in simclr.projector if isinstance(m, nn.Linear))
+    byol, barlow, vicreg = (build(tiny_cfg(n)) for n in ("byol", "barlow_twins", "vicreg"))
+    for mlp in (byol.projector, byol.predictor, barlow.projector, vicreg.projector):
+        assert isinstance(mlp[-1], nn.Linear) and mlp[-1].bias is None
+    assert barlow.lambd == 0.0051  # main.py's default
+
+
+def test_simclr_and_byol_losses_sum_both_directions():
+    """SimCLR: loss_a + loss_b (objective.add_contrastive_loss); BYOL: loss(1 -> 2) + loss(2 -> 1)."""
+    from src.nn.losses import negative_cosine, nt_xent
+
+    torch.manual_seed(0)
+    views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
+    simclr = build(tiny_cfg("simclr")).train()
+    z = simclr.embed(views, head=simclr.projector)
+    torch.testing.assert_close(simclr.training_loss(views), 2 * nt_xent(z[0], z[1], 0.1))
+    byol = build(tiny_cfg("byol")).train()
+    q = [byol.predictor(byol.projector(byol.backbone(v))) for v in views]
+    with torch.no_grad():
+        t = [byol.projector_t(byol.backbone_t(v)) for v in views]
+    mse = lambda a, b: ((nn.functional.normalize(a, dim=1) - nn.functional.normalize(b, dim=1)) ** 2).sum(1).mean()  # noqa: E731
+    reference = mse(q[0], t[1]) + mse(q[1], t[0])
+    torch.testing.assert_close(byol.training_loss(views), reference)
+    torch.testing.assert_close(reference, 4 + 2 * negative_cosine(q[0], t[1]) + 2 * negative_cosine(q[1], t[0]))
+
+
+PER_VIEW = ["byol", "simsiam", "barlow_twins", "vicreg", "moco_v3"]
+
+
+@pytest.mark.parametrize("name", PER_VIEW)
+def test_each_view_has_its_own_batchnorm_statistics(name):
+    """BYOL, SimSiam, Barlow Twins, VICReg and MoCo v3 forward each view alone (two calls per network): no backbone
+    or head ever sees the two views in one batch."""
+    method = build(tiny_cfg(name)).train()
+    sizes = []
+    nets = [m for m in method.children() if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+    for net in nets:
+        net.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
+    method.training_loss(views)
+    assert sizes and set(sizes) == {8}, sizes
+
+
+def test_resnets_start_with_zero_init_residual(monkeypatch):
+    """torchvision's zero_init_residual=True (SimSiam, Barlow Twins, VICReg, MoCo v3), SimCLR's init_zero, BYOL's
+    scale_init=zeros: each residual block's last BatchNorm scale starts at 0 (not over a weights file); DINO, SwAV
+    and MoCo v1/v2 keep torchvision's default."""
+    import importlib
+
+    from src.backbones.resnet import ResNet, zero_init_residual
+
+    resnet = ResNet("resnet18", cifar_stem=True)
+    blocks = [m for m in resnet.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 8 and all(b.bn2.weight.abs().sum() > 0 for b in blocks)
+    zero_init_residual(resnet)
+    assert all(b.bn2.weight.abs().sum() == 0 and b.bn1.weight.abs().sum() > 0 for b in blocks)
+    for name, zero in (("simclr", True), ("byol", True), ("simsiam", True), ("barlow_twins", True),
+                       ("vicreg", True), ("moco_v3", True), ("moco_v2", False), ("dino", False), ("swav", False)):
+        cfg = tiny_cfg(name, vit=False)
+        module = importlib.import_module(cfg.method._target_.rsplit(".", 1)[0])
+        called = []
+        if hasattr(module, "init_residual_to_zero"):
+            monkeypatch.setattr(module, "init_residual_to_zero", called.append)
+        method = build(cfg)
+        assert (called == [method.backbone]) == zero, name
+
+
+def test_dino_teacher_temperature_is_an_epoch_linspace():
+    """main_dino.py: teacher_temp_schedule = linspace(warmup, final, W) per epoch, then final: epoch W - 1 already
+    has the final temperature (not epoch W)."""
+    from types import SimpleNamespace
+
+    method = build(tiny_cfg("dino", "method.warmup_teacher_temp=0.04", "method.teacher_temp=0.07",
+                            "method.warmup_teacher_temp_epochs=3"))
+    temps = []
+    for epoch in range(5):
+        method._trainer = SimpleNamespace(max_epochs=10, current_epoch=epoch)
+        temps.append(method.teacher_temperature())
+    assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07])
+
+
+def test_dino_last_layer_starts_as_an_nn_linear():
+    """DINOHead wraps a fresh nn.Linear in weight_norm after its truncated-normal init of the MLP: V ~ U(+-1/sqrt(d))."""
+    from src.nn.heads import NormalizedLinear
+
+    torch.manual_seed(0)
+    layer = NormalizedLinear(256, 4096)
+    bound = 1 / 256**0.5
+    assert layer.weight_v.abs().max() <= bound and layer.weight_v.abs().max() > 0.99 * bound
+
+
+def test_mae_encoder_has_fixed_sincos_positions_and_xavier_init():
+    """models_mae.py: the encoder's pos_embed is 2-D sin-cos and frozen, linears Xavier-uniform with zero biases,
+    the patch projection Xavier as a D x (C p^2) matrix, the CLS token N(0, 0.02); the kept count is truncated."""
+    from src.nn.masks import num_visible
+    from src.nn.tokens import sincos_2d
+
+    torch.manual_seed(0)
+    method = build(tiny_cfg("mae", "backbone.embed_dim=64", "backbone.pos_embed=learned"))
+    net = method.backbone.net
+    assert not net.pos_embed.requires_grad
+    torch.testing.assert_close(net.pos_embed[0, 1:], sincos_2d(method.backbone.base_grid, 64))
+    fc1 = net.blocks[0].mlp.fc1.weight  # 256 x 64
+    assert 0.95 * (6 / 320) ** 0.5 < fc1.abs().max() <= (6 / 320) ** 0.5
+    assert net.blocks[0].mlp.fc1.bias.abs().max() == 0
+    proj = net.patch_embed.proj.weight  # 64 x 3 x 4 x 4
+    assert 0.95 * (6 / (48 + 64)) ** 0.5 < proj.abs().max() <= (6 / (48 + 64)) ** 0.5
+    assert 0.01 < net.cls_token.std() < 0.04
+    assert num_visible(49, 0.6) == 19 and num_visible(196, 0.75) == 49  # int(19.6): truncated as len_keep

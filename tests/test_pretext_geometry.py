@@ -152,9 +152,9 @@ def test_hamming_set_is_deterministic_distinct_and_of_the_requested_size():
 def test_hamming_set_reaches_the_best_minimum_distance_for_ten_permutations():
     # 9 permutations can differ in every position (the rows of a Latin square) and greedy finds them;
     # among 10, two share the tile at position 0 (pigeonhole), so 8 is the best possible minimum distance.
-    assert min_distance(hamming_permutations(9)) == 9
-    assert min_distance(hamming_permutations(10)) == 8
-    assert min_distance(hamming_permutations(1000)) >= 5  # measured: 5 (mean distance 7.9)
+    assert min_distance(hamming_permutations(9, rule="min")) == 9
+    assert min_distance(hamming_permutations(10, rule="min")) == 8
+    assert min_distance(hamming_permutations(1000, rule="min")) >= 5  # measured: 5 (mean distance 7.9)
 
 
 def test_hamming_set_is_the_greedy_max_min_distance_choice():
@@ -165,7 +165,23 @@ def test_hamming_set_is_the_greedy_max_min_distance_choice():
     for _ in range(11):
         dist = [min(sum(a != b for a, b in zip(p, perms[c], strict=True)) for c in chosen) for p in perms]
         chosen.append(max(range(len(perms)), key=lambda i: (dist[i], -i)))
-    assert hamming_permutations(12, 4, seed=5).tolist() == [list(perms[i]) for i in chosen]
+    assert hamming_permutations(12, 4, seed=5, rule="min").tolist() == [list(perms[i]) for i in chosen]
+
+
+def test_hamming_set_is_the_papers_algorithm_1_by_default():
+    """Noroozi & Favaro's Algorithm 1: D-bar = 1^T D, the summed Hamming distance of every remaining permutation to
+    the chosen ones; the next one is its argmax (naive re-implementation on 4 tiles, ties to the lowest index)."""
+    perms = list(itertools.permutations(range(4)))
+    start = patches._all_permutations(4).tolist().index(hamming_permutations(1, 4, seed=5)[0].tolist())
+    chosen = [start]
+    for _ in range(15):
+        rest = [i for i in range(len(perms)) if i not in chosen]
+        total = {i: sum(sum(a != b for a, b in zip(perms[i], perms[c], strict=True)) for c in chosen) for i in rest}
+        chosen.append(max(rest, key=lambda i: (total[i], -i)))
+    assert hamming_permutations(16, 4, seed=5).tolist() == [list(perms[i]) for i in chosen]
+    assert hamming_permutations(16, 4, seed=5).tolist() != hamming_permutations(16, 4, seed=5, rule="min").tolist()
+    with pytest.raises(ValueError, match="rule"):
+        hamming_permutations(4, 4, rule="max")
 
 
 def test_hamming_set_rejects_impossible_sizes():

@@ -33,6 +33,7 @@ class ResNet(nn.Module):
         self.out_dim = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
+        self.pretrained = pretrained
         if pretrained:
             load_pretrained(net, pretrained, f"this {arch}" + (" with the CIFAR stem" if cifar_stem else ""))
 
@@ -47,3 +48,18 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_map(x).mean(dim=(2, 3))  # B x out_dim
+
+
+@torch.no_grad()
+def zero_init_residual(backbone: nn.Module) -> None:
+    """Zero the last BatchNorm scale of every residual block of a :class:`ResNet` (torchvision's
+    ``zero_init_residual=True``; SimCLR's ``init_zero``, BYOL's ``scale_init=zeros``), so each block starts as the
+    identity, as the SimCLR, BYOL, SimSiam, Barlow Twins, VICReg and MoCo v3 references build their ResNets. Any other
+    backbone (no residual blocks), or a ResNet whose weights came from a file, is left as it is."""
+    if not isinstance(backbone, ResNet) or backbone.pretrained:
+        return
+    for m in backbone.net.modules():
+        if isinstance(m, torchvision.models.resnet.Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, torchvision.models.resnet.BasicBlock):
+            nn.init.zeros_(m.bn2.weight)

@@ -10,6 +10,7 @@ weight-normalised last layer of the head gets no gradient during the first ``fre
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from src.methods.base import SSLMethod
 from src.nn.ema import frozen_copy
@@ -46,13 +47,22 @@ class DINO(SSLMethod):
                     torch.nn.utils.clip_grad_norm_(p, self.hparams.clip_grad)
 
     def teacher_temperature(self) -> float:
-        """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp``, then constant."""
+        """Per epoch, as main_dino.py's ``teacher_temp_schedule``: ``np.linspace(warmup_teacher_temp, teacher_temp,
+        W)`` over the first W = ``warmup_teacher_temp_epochs`` epochs (so epoch W - 1 already has ``teacher_temp``),
+        then constant. W is capped at half the run, as every warm-up here (a logged line)."""
         h = self.hparams
         if self._trainer is None or h.warmup_teacher_temp_epochs <= 0:
             return h.teacher_temp
         if not hasattr(self, "_teacher_warmup"):
-            self._teacher_warmup = self.warmup_steps(h.warmup_teacher_temp_epochs, "teacher temperature warm-up")
-        progress = min(self.trainer.global_step / max(self._teacher_warmup, 1), 1.0)
+            epochs = max(self.trainer.max_epochs, 1)
+            self._teacher_warmup = int(h.warmup_teacher_temp_epochs)
+            if self._teacher_warmup > epochs // 2:
+                rank_zero_info(f"teacher temperature warm-up of {h.warmup_teacher_temp_epochs} epochs is more than "
+                               f"half of this {epochs}-epoch run; using {epochs // 2} epochs instead")
+                self._teacher_warmup = epochs // 2
+        if self.current_epoch >= self._teacher_warmup:
+            return h.teacher_temp
+        progress = self.current_epoch / max(self._teacher_warmup - 1, 1)
         return h.warmup_teacher_temp + progress * (h.teacher_temp - h.warmup_teacher_temp)
 
     def training_loss(self, views):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from src.methods.pretext_base import PretextTask, accuracy
 from src.methods.relative_patch import GRID, check_gap, grid_problems
 from src.nn.heads import MLP
-from src.nn.patches import grid_patches, hamming_permutations, normalize_patches, permute
+from src.nn.patches import PERMUTATION_RULES, grid_patches, hamming_permutations, normalize_patches, permute
 from src.utils.errors import UserError
 
 TILES = GRID * GRID
@@ -37,15 +37,20 @@ class Jigsaw(PretextTask):
     min_global_batch = 2  # the MLP head's BatchNorm needs two images
 
     def __init__(self, backbone, views, optimizer, num_permutations: int = 1000, permutation_seed: int = 0,
-                 gap: int = 2, jitter: int = 1, head_hidden_dim: int = 1024, head_layers: int = 2, **kwargs):
+                 gap: int = 2, jitter: int = 1, head_hidden_dim: int = 1024, head_layers: int = 2,
+                 permutation_rule: str = "mean", **kwargs):
         super().__init__(backbone, views, optimizer, **kwargs)
         check_gap(gap, jitter)
+        if permutation_rule not in PERMUTATION_RULES:
+            raise UserError(f"method.permutation_rule={permutation_rule!r}; allowed: {', '.join(PERMUTATION_RULES)} "
+                            "(mean: the paper's Algorithm 1)")
         if problem := permutations_problem(num_permutations):
             raise UserError(problem)
         if head_layers < 1:
             raise UserError(f"method.head_layers={head_layers} must be >= 1 (1: a linear classifier)")
         self.gap, self.jitter = gap, jitter
-        self.register_buffer("permutations", hamming_permutations(num_permutations, TILES, permutation_seed))  # P x 9
+        self.register_buffer("permutations", hamming_permutations(num_permutations, TILES, permutation_seed,
+                                                                        permutation_rule))  # P x 9
         self.head = MLP(TILES * backbone.out_dim, head_hidden_dim, num_permutations, num_layers=head_layers)
 
     def training_loss(self, views):

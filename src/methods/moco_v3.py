@@ -4,7 +4,8 @@ momentum encoder's keys, negatives from the batch of every process (no queue).
     loss = ctr(q1, k2) + ctr(q2, k1),   ctr(q, k) = 2 tau * CE(q k_all^T / tau, labels + N * rank)   (Algorithm 1)
 
 The query encoder is backbone + projector + predictor; the key encoder is a momentum copy of backbone +
-projector, its momentum rising by cosine from ``momentum`` to 1. Works with any backbone (ResNet, ViT). As the
+projector, its momentum rising by cosine from ``momentum`` to 1; each view goes through both encoders alone
+(``builder.py``: q1, q2, k1, k2 from four calls). Works with any backbone (ResNet, ViT). As the
 reference (facebookresearch/moco-v3, ``moco/builder.py``): no linear of the MLPs has a bias; the projector has 3
 layers on a ViT (``MoCo_ViT``) and 2 otherwise (``MoCo_ResNet``), and ends in an affine-free BatchNorm; so does
 the predictor on a ViT only. On a ViT (``vits.py``) the linears start Xavier-uniform (q, k and v each as its own
@@ -18,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from src.backbones.resnet import zero_init_residual as init_residual_to_zero
 from src.backbones.vit import has_token_api
 from src.methods.base import SSLMethod
 from src.nn.ema import frozen_copy
@@ -50,10 +52,12 @@ def moco_v3_vit_init(vit: nn.Module) -> None:
 class MoCoV3(SSLMethod):
     def __init__(self, backbone, views, optimizer, temperature: float = 1.0, proj_hidden_dim: int = 4096,
                  proj_dim: int = 256, proj_layers: int | None = None, pred_hidden_dim: int = 4096,
-                 pred_last_bn: bool | None = None, vit_init: bool = True, momentum: float = 0.99,
-                 momentum_end: float = 1.0, **kwargs):
+                 pred_last_bn: bool | None = None, vit_init: bool = True, zero_init_residual: bool = True,
+                 momentum: float = 0.99, momentum_end: float = 1.0, **kwargs):
         super().__init__(backbone, views, optimizer, momentum=momentum, momentum_end=momentum_end, **kwargs)
         self.temperature = temperature
+        if zero_init_residual:  # main_moco.py: torchvision's ResNet with zero_init_residual=True
+            init_residual_to_zero(backbone)
         vit = has_token_api(backbone)
         if vit and vit_init and not getattr(backbone, "pretrained", None):  # never over a weights file
             moco_v3_vit_init(backbone)
@@ -77,7 +81,7 @@ class MoCoV3(SSLMethod):
         return 2 * self.temperature * info_nce(q, k, temperature=self.temperature, gather=True)
 
     def training_loss(self, views):
-        q1, q2 = self.embed(views[:2], head=lambda f: self.predictor(self.projector(f)))  # N x C each
+        q1, q2 = self.embed(views[:2], head=lambda f: self.predictor(self.projector(f)), per_view=True)  # N x C each
         with torch.no_grad():
-            k1, k2 = self.embed(views[:2], head=self.projector_k, backbone=self.backbone_k)  # N x C each
+            k1, k2 = self.embed(views[:2], head=self.projector_k, backbone=self.backbone_k, per_view=True)
         return self.contrastive(q1, k2) + self.contrastive(q2, k1)

@@ -1,9 +1,12 @@
 """MAE's light decoder (He et al. 2021, sec. 3 "MAE decoder"): the encoded visible tokens, projected to the
 decoder width, are completed with a shared learned mask token at the masked positions, un-shuffled to the
 image order, given fixed 2-D sine-cosine position embeddings, and run through a few Transformer blocks; a
-linear layer predicts the p x p x C pixels of every patch."""
+linear layer predicts the p x p x C pixels of every patch. As models_mae.py: LayerNorm epsilon 1e-6, linears
+Xavier-uniform with zero biases, the mask token N(0, 0.02)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +25,16 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        norm = functools.partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
+                                      for _ in range(depth)])
+        self.norm = norm(dim)
         self.pred = nn.Linear(dim, patch_pixels)
         self.dim = dim
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, latent: Tensor, restore: Tensor, grid: tuple[int, int]) -> Tensor:
         """Pixels of every patch (B, L, p*p*C), image order, from the encoder output ``latent`` (B, 1 + K, D:

@@ -73,14 +73,15 @@ class TokenMasking(NamedTuple):
 
 
 def num_visible(num_tokens: int, ratio: float) -> int:
-    """Tokens MAE keeps of ``num_tokens`` at mask ``ratio``: round(L x (1 - ratio)), at least 1."""
+    """Tokens MAE keeps of ``num_tokens`` at mask ``ratio``: int(L x (1 - ratio)), truncated as MAE's
+    ``random_masking`` (``len_keep``), at least 1."""
     if not 0 < ratio < 1:
         raise ValueError(f"mask ratio {ratio} must be in (0, 1)")
-    return max(1, round(num_tokens * (1 - ratio)))
+    return max(1, int(num_tokens * (1 - ratio)))
 
 
 def random_masking(batch: int, num_tokens: int, ratio: float, device: torch.device | str | None = None) -> TokenMasking:
-    """MAE's per-sample random masking: argsort uniform noise; the first round(L (1 - ratio)) of the sorted
+    """MAE's per-sample random masking: argsort uniform noise; the first int(L (1 - ratio)) of the sorted
     order are kept. ``restore`` = argsort of that order: gathering [visible, masked] tokens with it gives the
     original order back. Randomness: torch's global RNG on ``device``."""
     keep_n = num_visible(num_tokens, ratio)

@@ -140,33 +140,48 @@ def _all_permutations(tiles: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _hamming_set(num: int, tiles: int, seed: int) -> np.ndarray:
+def _hamming_set(num: int, tiles: int, seed: int, rule: str = "mean") -> np.ndarray:
     perms = _all_permutations(tiles)  # N x T
     columns = np.ascontiguousarray(perms.T)  # T x N
     equal = [[columns[j] == v for v in range(tiles)] for j in range(tiles)]  # position j holds value v
-    most_matches = np.zeros(len(perms), dtype=np.uint8)  # tiles - (min Hamming distance to the set)
+    most_matches = np.zeros(len(perms), dtype=np.uint8)  # rule min: tiles - (min Hamming distance to the set)
+    total = np.zeros(len(perms), dtype=np.int64)  # rule mean: sum of the Hamming distances to the set
     chosen = [int(np.random.default_rng(seed).integers(len(perms)))]
+    taken = np.zeros(len(perms), dtype=bool)
+    taken[chosen[0]] = True
     matches = np.empty(len(perms), dtype=np.uint8)
     for _ in range(num - 1):
         last = perms[chosen[-1]]
         matches[:] = equal[0][last[0]]
         for j in range(1, tiles):
             matches += equal[j][last[j]]
-        np.maximum(most_matches, matches, out=most_matches)
-        chosen.append(int(np.argmin(most_matches)))  # largest min distance; ties -> lowest index
+        if rule == "min":
+            np.maximum(most_matches, matches, out=most_matches)
+            chosen.append(int(np.argmin(most_matches)))  # largest min distance; ties -> lowest index
+        else:
+            total += tiles - matches.astype(np.int64)
+            chosen.append(int(np.argmax(np.where(taken, -1, total))))  # largest summed distance; ties -> lowest
+        taken[chosen[-1]] = True
     return perms[chosen].astype(np.int64)
 
 
-def hamming_permutations(num: int, tiles: int = 9, seed: int = 0) -> Tensor:
+PERMUTATION_RULES = ("mean", "min")
+
+
+def hamming_permutations(num: int, tiles: int = 9, seed: int = 0, rule: str = "mean") -> Tensor:
     """Noroozi & Favaro's permutation set (sec. 3.2, maximal Hamming distance), deterministic for a seed:
     start from the permutation of index chosen by ``seed`` among all tiles! (in lexicographic order), then
-    greedily add the permutation with the largest minimum Hamming distance to those chosen so far (ties:
-    the lowest index). Returns a LongTensor (num, tiles); the sets are cached."""
+    greedily add the permutation farthest from those chosen so far (ties: the lowest index): ``rule="mean"``
+    by the sum (mean) of its Hamming distances to them, the paper's Algorithm 1 (D-bar = 1^T D, j = argmax);
+    ``rule="min"`` by the smallest of them, which keeps the minimum distance larger. Returns a LongTensor
+    (num, tiles); the sets are cached."""
     if tiles < 2 or tiles > 10:
         raise ValueError(f"tiles={tiles}: enumerating tiles! permutations needs 2 <= tiles <= 10")
     if not 1 <= num <= math.factorial(tiles):
         raise ValueError(f"num={num} permutations of {tiles} tiles: must be in [1, {math.factorial(tiles)}]")
-    return torch.from_numpy(_hamming_set(num, tiles, seed).copy())
+    if rule not in PERMUTATION_RULES:
+        raise ValueError(f"rule={rule!r}; allowed: {', '.join(PERMUTATION_RULES)}")
+    return torch.from_numpy(_hamming_set(num, tiles, seed, rule).copy())
 
 
 def permute(tiles: Tensor, perm: Tensor) -> Tensor:
