@@ -263,6 +263,27 @@ def test_dinov2_groups_follow_layer_decay_and_the_patch_embedding_multiplier():
     assert id(named["backbone.net.blocks.0.attn.qkv.weight"]) not in no_decay
 
 
+def test_teacher_temperatures_warm_up_per_epoch_for_ibot_and_per_step_for_dinov2():
+    """iBOT (main_ibot.py): np.linspace over the warm-up epochs, constant within an epoch, CLS and patches alike;
+    DINOv2 (train.py CosineScheduler): np.linspace over the warm-up iterations."""
+    from types import SimpleNamespace
+
+    seen = {}
+    for key in ("ibot_sep", "dinov2"):
+        method = build(configs()[key])
+        method.hparams.warmup_teacher_temp_epochs = 2
+        temps = []
+        for step in range(8):  # 4 epochs of 2 steps
+            method._trainer = SimpleNamespace(max_epochs=4, current_epoch=step // 2, global_step=step,
+                                              estimated_stepping_batches=8)
+            temps.append((round(method.teacher_temperature(), 4), round(method.patch_temperature(), 4)))
+        method._trainer = None
+        seen[key] = temps
+    assert seen["ibot_sep"] == [(0.04, 0.04)] * 2 + [(0.07, 0.07)] * 6
+    assert [t for t, _ in seen["dinov2"]] == [0.04, 0.05, 0.06, 0.07, 0.07, 0.07, 0.07, 0.07]
+    assert all(t == p for t, p in seen["dinov2"])
+
+
 # ---- registers and DINOv2's files --------------------------------------------------------------------------
 def dinov2_state(depth=2, dim=32, patch=4, grid=5, registers=2, chunks=0, seed=0):
     """A random DinoVisionTransformer.state_dict() (names as DINOv2's, LayerScale, a grid x grid position embedding as

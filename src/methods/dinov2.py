@@ -64,6 +64,23 @@ class DINOv2(IBOT):
                          teacher_patch_temp=teacher_temp, warmup_teacher_patch_temp=warmup_teacher_temp,
                          momentum=momentum, **kwargs)
 
+    def teacher_temperature(self) -> float:
+        """Per iteration, as DINOv2's ``teacher_temp_schedule`` (``CosineScheduler`` with warm-up only):
+        np.linspace(warmup_teacher_temp, teacher_temp) over the first ``warmup_teacher_temp_epochs`` epochs of steps
+        (capped at half the run), then constant; the patch targets use the same temperature."""
+        h = self.hparams
+        if self._trainer is None or h.warmup_teacher_temp_epochs <= 0:
+            return h.teacher_temp
+        if not hasattr(self, "_temp_warmup_steps"):
+            self._temp_warmup_steps = self.warmup_steps(h.warmup_teacher_temp_epochs, "teacher temperature warm-up")
+        step, warmup = self.trainer.global_step, self._temp_warmup_steps
+        if step >= warmup:
+            return h.teacher_temp
+        return h.warmup_teacher_temp + step / max(warmup - 1, 1) * (h.teacher_temp - h.warmup_teacher_temp)
+
+    def patch_temperature(self) -> float:
+        return self.teacher_temperature()
+
     def build_patch_head(self):
         """DINOv2's ``ibot_head``: a whole DINO head of its own for the patch tokens."""
         h = self.hparams

@@ -108,14 +108,16 @@ class IBOT(DINO):
         return ibot_masks(n, grid, h.mask_probability, tuple(h.mask_ratio), h.mask_min_aspect, device)
 
     def patch_temperature(self) -> float:
-        """The patch targets' teacher temperature: linear warm-up from ``warmup_teacher_patch_temp`` to
-        ``teacher_patch_temp`` over the same ``warmup_teacher_temp_epochs`` as the CLS temperature."""
+        """The patch targets' teacher temperature, warmed up like the CLS one (DINO's :meth:`teacher_temperature`:
+        iBOT's ``teacher_temp2_schedule``, np.linspace over the first ``warmup_teacher_temp_epochs`` epochs, capped
+        at half the run) from ``warmup_teacher_patch_temp`` to ``teacher_patch_temp``."""
         h = self.hparams
         if self._trainer is None or h.warmup_teacher_temp_epochs <= 0:
             return h.teacher_patch_temp
-        if not hasattr(self, "_patch_warmup"):
-            self._patch_warmup = self.warmup_steps(h.warmup_teacher_temp_epochs, "patch temperature warm-up")
-        progress = min(self.trainer.global_step / max(self._patch_warmup, 1), 1.0)
+        warmup = min(int(h.warmup_teacher_temp_epochs), max(self.trainer.max_epochs, 1) // 2)
+        if self.current_epoch >= warmup:
+            return h.teacher_patch_temp
+        progress = self.current_epoch / max(warmup - 1, 1)
         return h.warmup_teacher_patch_temp + progress * (h.teacher_patch_temp - h.warmup_teacher_patch_temp)
 
     # ---- the step ------------------------------------------------------------------------------------
