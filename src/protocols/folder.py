@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from src.data.datasets import SkipLog, _reason, image_files
 from src.protocols.features import extract_features
-from src.utils.checkpointing import atomic_torch_save
 
 CACHE_VERSION = 2
 
@@ -119,7 +118,9 @@ def embed_folder(model: Callable[[Tensor], Tensor], views, decode: Callable[[str
             bad[todo[i]] = reasons.get(todo[i][0], "unreadable")
     kept = [f for f in files if f not in bad]
     features = torch.stack([known[f] for f in kept]) if kept else torch.zeros(0, 0)
-    if todo and cache is not None:
+    if todo and cache is not None:  # the atomic writer's module imports Lightning, so only here
+        from src.utils.checkpointing import atomic_torch_save
+
         atomic_torch_save({"version": CACHE_VERSION, "key": key, "files": [list(f) for f in kept],
                            "embeddings": features, "bad": [[*f, r] for f, r in bad.items()]}, cache)
     return FolderEmbeddings([f[0] for f in kept], features, {f[0]: r for f, r in sorted(bad.items())}, embedded)
