@@ -98,7 +98,8 @@ def from_checkpoint(ckpt: Path) -> Model:
     views = method.views
     return Model(method, views, functools.partial(_square_decode, size=size, mode="L" if channels == 1 else "RGB"),
                  (channels, size, size), f"the run's: {size} px images, evaluation view of {views.eval_size} px, "
-                 f"mean {views.mean.tolist()}, std {views.std.tolist()}", f"ckpt {_file_key(ckpt)}")
+                 f"mean {[round(v, 4) for v in views.mean.tolist()]}, std {[round(v, 4) for v in views.std.tolist()]}",
+                 f"ckpt {_file_key(ckpt)}")
 
 
 def from_overrides(overrides: list[str], method: bool = False) -> Model:
