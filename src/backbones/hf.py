@@ -354,7 +354,8 @@ def _transformers_preprocessing(folder: Path, model_type: str, image_size: int, 
         "BitImageProcessor": (OPENAI_CLIP, {"shortest_edge": 224}, 224, BICUBIC),
         "CLIPImageProcessor": (OPENAI_CLIP, {"shortest_edge": 224}, 224, BICUBIC),
     }
-    kind = str(p.get("image_processor_type", "")).removesuffix("Fast")
+    kind = str(p.get("image_processor_type") or p.get("feature_extractor_type", "")).removesuffix("Fast")
+    kind = kind.replace("FeatureExtractor", "ImageProcessor")  # older snapshots (ViTFeatureExtractor, ...)
     if kind not in defaults or not p:
         kind = ("ViTImageProcessor" if model_type in ("vit", "vit_mae") else "BitImageProcessor" if "dinov2" in
                 model_type else "CLIPImageProcessor")
