@@ -91,12 +91,6 @@ class OnlineLinearProbe(L.Callback):
         self._correct = torch.zeros((), device=pl_module.device, dtype=torch.long)
         self._seen = torch.zeros((), device=pl_module.device, dtype=torch.long)
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.probe is not None and self.features == "train_view":
-            pl_module.first_view_features = None  # only this batch's step may set them
-
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -104,8 +98,7 @@ class OnlineLinearProbe(L.Callback):
             return
         feats = None
         if self.features == "train_view":
-            feats = getattr(pl_module, "first_view_features", None)
-            pl_module.first_view_features = None
+            feats = getattr(pl_module, "first_view_features", None)  # this batch's own (the method resets them)
             if feats is not None and (feats.shape[0] != batch["label"].shape[0]
                                       or feats[:1].flatten(1).shape[1] != self.probe.in_features):
                 feats = None  # not the representation evaluation reads (e.g. a method with its own feature_dim)

@@ -263,9 +263,27 @@ def config_problems(cfg: DictConfig, local_devices: bool = True) -> list[str]:
     except Exception:  # noqa: BLE001
         return problems + [f"method._target_={cfg.method._target_} cannot be imported; check the method yaml"]
     if hasattr(method_cls, "config_problems"):
-        world = world_size(cfg)
-        problems += method_cls.config_problems(cfg, global_batch=cfg.data.batch_size * world,
-                                               num_views=sum(g.get("num", 1) for g in cfg.views.get("crops", [])))
+        global_batch = cfg.data.batch_size * world_size(cfg)
+        num_views = sum(g.get("num", 1) for g in cfg.views.get("crops", []))
+        problems += method_problems(method_cls, cfg, global_batch, num_views)
+        problems += method_cls.config_problems(cfg, global_batch=global_batch, num_views=num_views)
+    return problems
+
+
+def method_problems(method_cls, cfg: DictConfig, global_batch: int, num_views: int) -> list[str]:
+    """The rules every method shares: a global batch its loss can use, as many views as it compares, a known lr
+    scaling (the method's own rules are its ``config_problems``)."""
+    from src.nn.optim import LR_SCALINGS
+
+    problems, name = [], method_cls.__name__
+    if global_batch < method_cls.min_global_batch:
+        problems.append(f"data.batch_size gives a global batch of {global_batch}, too small for {name}'s loss (needs "
+                        f">= {method_cls.min_global_batch}); raise data.batch_size")
+    if num_views < method_cls.min_views:
+        problems.append(f"{name} needs {method_cls.min_views} views per image but views give {num_views}; set "
+                        f"views.crops[0].num={method_cls.min_views}")
+    if (scaling := cfg.method.get("lr_scaling", "linear")) not in LR_SCALINGS:
+        problems.append(f"method.lr_scaling={scaling} is not allowed; use {', '.join(LR_SCALINGS)}")
     return problems
 
 

@@ -3,6 +3,8 @@ first. Which views go through the backbone together and which pairs a loss compa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -24,3 +26,17 @@ def num_global_views(views: list[torch.Tensor]) -> int:
 def view_pairs(num_global: int, num_views: int) -> list[tuple[int, int]]:
     """(target view, predicting view) pairs: every global view against every other view, never itself."""
     return [(t, s) for t in range(num_global) for s in range(num_views) if s != t]
+
+
+def embed_views(views: list[torch.Tensor], backbone: Callable, head: Callable | None = None,
+                per_view: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(per-view outputs of head(backbone(view)), the backbone features of the first view)``. Consecutive views of
+    one size go through the backbone as one batch and the head (with its BatchNorm) sees all views at once;
+    ``per_view``: each view through backbone and head alone, BatchNorm statistics per view (as BYOL, SimSiam, Barlow
+    Twins, VICReg and MoCo v3 forward their views)."""
+    if per_view:
+        feats = [backbone(v) for v in views]  # V x (N x D)
+        return [head(f) if head is not None else f for f in feats], feats[0]
+    feats = torch.cat([backbone(torch.cat(views[run])) for run in size_runs(views)])  # V N x D
+    out = head(feats) if head is not None else feats
+    return list(out.chunk(len(views))), feats[: views[0].shape[0]]

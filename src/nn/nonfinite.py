@@ -10,8 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from src.utils.errors import UserError
 
 NONE = 2**62  # "no bad step yet"; larger than any step, so a min over ranks finds the first bad one
+
+
+class NonFiniteLossError(UserError):
+    """Raised when the loss is NaN/inf; the last good checkpoint stays untouched."""
 
 
 class NonFiniteWatch:
@@ -40,11 +47,37 @@ class NonFiniteWatch:
         step = int(reduce_min(self.step.clone()))
         return None if step == NONE else step
 
+    def first_bad(self, reduce_min: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> str | None:
+        """:meth:`describe` of :meth:`first_bad_step` (a collective under DDP), or None when every loss was finite."""
+        step = self.first_bad_step(reduce_min)
+        return None if step is None else self.describe(step)
+
     def describe(self, step: int) -> str:
         """``non-finite loss nan at step 14 (term=...)``, with this process's values when the step was its own."""
         if self.step is None or int(self.step) != step:
             return f"non-finite loss at step {step} (on another process)"
-        values = {k: float(v) for k, v in self.values.items()}
-        loss = values.pop("loss")
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        return f"non-finite loss {loss} at step {step}" + (f" ({terms})" if terms else "")
+        values = dict(self.values)
+        return describe(values.pop("loss"), values, step)
+
+
+def describe(loss: torch.Tensor | float, terms: dict, step: int) -> str:
+    """``non-finite loss nan at step 14 (term=...)``: the loss and its terms at ``step``."""
+    shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    return f"non-finite loss {float(loss)} at step {step}" + (f" ({shown})" if shown else "")
+
+
+def snapshot_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """Copies of every buffer of ``module`` (BatchNorm statistics, queues, centres) before a step that may be
+    skipped (``nonfinite_loss=skip``)."""
+    return [b.detach().clone() for b in module.buffers()]
+
+
+@torch.no_grad()
+def restore_buffers(module: nn.Module, saved: list[torch.Tensor]) -> None:
+    """Put back a :func:`snapshot_buffers`, so a skipped step leaves no trace; submodules that keep host copies of a
+    buffer (a feature queue's write position) re-read them through their ``buffers_restored()``."""
+    for buffer, value in zip(module.buffers(), saved, strict=True):
+        buffer.copy_(value)
+    for m in module.modules():
+        if hasattr(m, "buffers_restored"):
+            m.buffers_restored()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import shutil
 from collections.abc import Callable
@@ -102,6 +103,52 @@ def fusable(factory: Callable, params: list[torch.Tensor]) -> bool:
         return False
     return bool(params) and all(p.is_cuda and not p.is_sparse for p in params)
 
+
+
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+def scaled_lr(base_lr: float, batch: int, reference: int, scaling: str) -> tuple[float, float]:
+    """``(lr, scale)``: the learning rate for an effective ``batch`` from the one given for ``reference`` images,
+    scaled linearly (Goyal et al. 2017), by the square root (LAMB, DINOv2) or not at all."""
+    ratio = batch / reference
+    scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[scaling]
+    return base_lr * scale, scale
+
+
+def build_optimizer(factory: Callable, groups: list[dict], lr: float, weight_decay_end: float | None,
+                    allow_fused: bool = True) -> torch.optim.Optimizer:
+    """The configured optimizer (``factory``: a partial with its ``lr`` and ``weight_decay``) over ``groups`` at ``lr``.
+    A group's ``lr_ratio`` sets its lr relative to ``lr`` (Barlow Twins' biases); with ``weight_decay_end``, groups
+    without a weight decay of their own are marked to follow the cosine weight-decay schedule (``wd_schedule``,
+    ``wd_start``). Built fused where :func:`fusable` and ``allow_fused`` say so."""
+    wd = factory.keywords.get("weight_decay", 0.0)
+    for group in groups:
+        if "weight_decay" not in group and weight_decay_end is not None:
+            group.update(wd_schedule=True, wd_start=wd)
+        if "lr_ratio" in group:
+            group["lr"] = lr * group.pop("lr_ratio")
+    fused = allow_fused and fusable(factory, [p for g in groups for p in g["params"]])
+    return factory(groups, lr=lr, **({"fused": True} if fused else {}))
+
+
+def step_weight_decay(optimizer: torch.optim.Optimizer, step: int, total: int, end: float) -> None:
+    """The cosine weight-decay schedule (DINO) at ``step`` of ``total``: each group marked ``wd_schedule`` by
+    :func:`build_optimizer` goes from its ``wd_start`` to ``end``."""
+    from src.nn.schedules import cosine_schedule
+
+    for group in optimizer.param_groups:
+        if group.get("wd_schedule"):
+            group["weight_decay"] = cosine_schedule(step, total, group["wd_start"], end)
+
+
+def schedule_lambdas(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float) -> list[Callable]:
+    """Per-group lr factors of a step: linear warm-up then cosine to ``min_ratio`` (:func:`warmup_cosine`), constant
+    for groups marked ``fixed_lr`` (SimSiam's predictor)."""
+    from src.nn.schedules import warmup_cosine
+
+    return [(lambda s: 1.0) if g.get("fixed_lr") else (lambda s: warmup_cosine(s, total, warmup, min_ratio))
+            for g in optimizer.param_groups]
 
 
 class LARS(torch.optim.Optimizer):
