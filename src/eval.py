@@ -78,7 +78,7 @@ def evaluate(ckpt: Path, overrides: list[str], protocols: list[str] = ()) -> dic
     choices = cfg.hydra.runtime.choices
     names = {group: choices.get(group) for group in ("method", "backbone", "data")}
     head = {"checkpoint": str(ckpt), **names, "epochs": epochs_trained(state), "global_step": state.get("global_step")}
-    return {**head, **measure(method, method.views, cfg, protocols, lambda: build_method(cfg, fresh=True), ckpt)}
+    return {**head, **evaluate_model(method, method.views, cfg, protocols, lambda: build_method(cfg, fresh=True), ckpt)}
 
 
 def evaluate_backbone(overrides: list[str], protocols: list[str] = ()) -> dict:
@@ -97,7 +97,7 @@ def evaluate_backbone(overrides: list[str], protocols: list[str] = ()) -> dict:
     if getattr(backbone, "image_text", None) is not None and choices.get("method") == "clip":  # a CLIP snapshot:
         backbone = instantiate(cfg.method, backbone=backbone, views=instantiate(cfg.views))  # both towers (zero-shot)
         random = lambda: build_method(cfg, fresh=True)  # noqa: E731
-    return {**head, **measure(backbone, instantiate(cfg.views), cfg, protocols, random,
+    return {**head, **evaluate_model(backbone, instantiate(cfg.views), cfg, protocols, random,
                               Path(weights) if weights else None)}
 
 
@@ -116,7 +116,7 @@ def evaluation_data(cfg, model):
     return dm
 
 
-def measure(model, views, cfg, names: list[str], random_model, source: Path | None) -> dict:
+def evaluate_model(model, views, cfg, names: list[str], random_model, source: Path | None) -> dict:
     """The run's final evaluation (``eval.final``: kNN, linear probe, held-out figures, image–text figures, its
     ``protocols``; the defaults where the run turned it off), or the protocols ``names``, on ``model`` and beside
     it on ``random_model()``, with the run's device and precision. Results files beside ``source`` (a checkpoint or

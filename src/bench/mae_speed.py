@@ -43,7 +43,7 @@ def step_seconds(backbone, x: torch.Tensor, keep: torch.Tensor | None) -> float:
     return time.perf_counter() - start
 
 
-def measure(backbone_name: str, size: int, batch: int, ratio: float, repeats: int, warmup: int,
+def time_setting(backbone_name: str, size: int, batch: int, ratio: float, repeats: int, warmup: int,
             device: torch.device) -> dict:
     cfg = compose([f"backbone={backbone_name}", "data=fake", f"data.image_size={size}", f"data.crop_size={size}"])
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| backbone | crop | patch | tokens L | visible | batch | all tokens (img/s) | visible only (img/s) | speed-up |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for setting in args.settings:
-        r = measure(*parse_setting(setting), args.mask_ratio, args.repeats, args.warmup, device)
+        r = time_setting(*parse_setting(setting), args.mask_ratio, args.repeats, args.warmup, device)
         print(f"| {r['backbone']} | {r['crop']} | {r['patch']} | {r['tokens']} | {r['visible']} | {r['batch']} "
               f"| {r['all_img_s']:.1f} | {r['visible_img_s']:.1f} | {r['speedup']:.2f}x |", flush=True)
     return 0

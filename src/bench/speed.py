@@ -327,7 +327,7 @@ def lightly_run(method, datamodule, s: Settings, device: torch.device, precision
 
 
 # ---- one method ---------------------------------------------------------------------------------------
-def measure(method_name: str, s: Settings) -> Row:
+def benchmark_method(method_name: str, s: Settings) -> Row:
     """Every column for one method: ``s.rounds`` rounds of framework, bare, lightly; medians of the rounds."""
     cfg = bench_config(method_name, s)
     method, datamodule = build_method(cfg)
@@ -461,7 +461,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path | None]:
 def run(s: Settings) -> list[Row]:
     """Measure every method of ``s`` with ``s.threads`` torch threads."""
     torch.set_num_threads(s.threads)
-    return [measure(m, s) for m in s.methods]
+    return [benchmark_method(m, s) for m in s.methods]
 
 
 def main(argv: list[str] | None = None) -> int:

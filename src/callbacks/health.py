@@ -32,7 +32,7 @@ class RepresentationHealth(L.Callback):
         self.results: dict[str, Any] = {}
 
     @torch.no_grad()
-    def measure(self, pl_module: L.LightningModule, images: torch.Tensor) -> dict[str, float]:
+    def figures(self, pl_module: L.LightningModule, images: torch.Tensor) -> dict[str, float]:
         images = images.to(pl_module.device)
         with eval_mode(pl_module), own_rng(self.seed, pl_module.device):
             z = torch.cat([pl_module(pl_module.views.eval_view(chunk)).flatten(1) for chunk in images.split(256)])
@@ -47,7 +47,7 @@ class RepresentationHealth(L.Callback):
         epoch = trainer.current_epoch + 1
         if not (epoch == trainer.max_epochs or (self.every_n_epochs is not None and epoch % self.every_n_epochs == 0)):
             return
-        values = self.measure(pl_module, held_out_images(trainer, self.max_items))
+        values = self.figures(pl_module, held_out_images(trainer, self.max_items))
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in values.items()}, step=trainer.global_step)
         collapsed = values["health_std_ratio"] < self.collapse_std_ratio or values["health_rankme"] < self.collapse_rank

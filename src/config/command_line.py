@@ -20,7 +20,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from src.config.compose import compose, config_groups, group_options
-from src.config.rules import config_problems, objective_problems, walk_leaves
+from src.config.keys import walk_leaves
+from src.config.rules import config_problems, objective_problems
 from src.utils.checkpointing import finished, resumable_runs
 from src.utils.errors import UserError, fail
 

@@ -84,7 +84,7 @@ def _value(node: DictConfig | ListConfig, key: Any) -> Any:
             return _UNRESOLVED
         value = node[key]
         if isinstance(value, DictConfig | ListConfig):
-            if any(_is_runtime_interpolation(v) for _, v in _leaves(value)):
+            if any(_is_runtime_interpolation(v) for _, v in walk_leaves(value)):
                 return _UNRESOLVED
             return OmegaConf.to_container(value, resolve=True)
         return value
@@ -92,13 +92,16 @@ def _value(node: DictConfig | ListConfig, key: Any) -> Any:
         return _UNRESOLVED
 
 
-def _leaves(node):
+def walk_leaves(node: DictConfig | ListConfig, prefix: str = ""):
+    """(dotted key, raw value) of every leaf under ``node``, interpolations left unresolved (the one tree walker of
+    the config checks)."""
     items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node._iter_ex(resolve=False))
     for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, DictConfig | ListConfig):
-            yield from _leaves(v)
+            yield from walk_leaves(v, key)
         else:
-            yield k, v
+            yield key, v
 
 
 # ---- types ------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from src.config.keys import schema_problems
+from src.config.keys import schema_problems, walk_leaves
 from src.utils.errors import UserError
 
 POSITIVE_KEYS = ("lr", "temperature", "batch_size", "eval_batch_size", "max_epochs", "image_size", "crop_size",
@@ -24,17 +24,6 @@ POSITIVE_KEYS = ("lr", "temperature", "batch_size", "eval_batch_size", "max_epoc
 SECRET_KEY = re.compile(r"api_?key|(^|_)tokens?($|_)|passw(or)?d|secret", re.IGNORECASE)  # token as a word: not tokenizer
 SECRET_ENV = {"wandb": "WANDB_API_KEY"}
 ENV_READ = re.compile(r"\$\{oc\.env:\s*([A-Za-z_][A-Za-z0-9_]*)")  # ${oc.env:NAME} or ${oc.env:NAME,default}
-
-
-def walk_leaves(node, prefix: str = ""):
-    """Yield (dotted key, value) for every leaf of a config, without resolving the hydra: node."""
-    items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
-    for k, v in items:
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, DictConfig | ListConfig):
-            yield from walk_leaves(v, key)
-        else:
-            yield key, v
 
 
 def secret_problems(cfg: DictConfig) -> list[tuple[str, str]]:

@@ -14,15 +14,15 @@ relative position bias and shared-layer initialisation details (the ViT is timm'
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.methods.pretext_base import PretextTask, accuracy, mask_ratio_problems
+from src.methods.pretext_base import PretextTask, correct_fraction, mask_ratio_problems
 from src.nn.masks import block_masks
+from src.utils.checkpointing import load_checkpoint, model_from_checkpoint
 from src.utils.errors import UserError
 
 TRAIN_ONE = ("train one with `python -m src.train method=vqvae` (same data) and pass "
@@ -34,13 +34,11 @@ def read_tokenizer_checkpoint(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"method.tokenizer={path} is not a file; {TRAIN_ONE}")
-    if not zipfile.is_zipfile(p):
-        raise UserError(f"method.tokenizer={path} is not a checkpoint (not a torch.save archive); {TRAIN_ONE}")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling and archive errors
-        raise UserError(f"method.tokenizer={path} could not be loaded safely ({type(e).__name__}); {TRAIN_ONE}") from e
-    if not isinstance(state, dict) or "tokenizer" not in state or "config" not in state:
+        state = load_checkpoint(p)  # safely, with one line for a file that is not a checkpoint of this framework
+    except UserError as e:
+        raise UserError(f"method.tokenizer={e}; {TRAIN_ONE}") from e
+    if "tokenizer" not in state or "config" not in state:
         raise UserError(f"method.tokenizer={path} is not a tokenizer checkpoint (no visual-token codebook in it); "
                         f"{TRAIN_ONE}")
     return state
@@ -48,8 +46,6 @@ def read_tokenizer_checkpoint(path: str) -> dict:
 
 def load_tokenizer(path: str) -> nn.Module:
     """The frozen VQ-VAE of a ``method=vqvae`` checkpoint, rebuilt from the run config saved in it."""
-    from src.utils.checkpointing import model_from_checkpoint
-
     tokenizer = model_from_checkpoint(read_tokenizer_checkpoint(path))
     tokenizer.requires_grad_(False)
     return tokenizer
@@ -112,7 +108,7 @@ class BEiT(PretextTask):
         ids = self.visual_tokens(x)  # B x L
         mask, logits = self.predict(x)
         logits, target = logits[mask].float(), ids[mask]  # M x K, M
-        return F.cross_entropy(logits, target), {"pretext_acc": accuracy(logits.detach(), target)}
+        return F.cross_entropy(logits, target), {"pretext_acc": correct_fraction(logits.detach(), target)}
 
     @torch.no_grad()
     def pictures(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from src.methods.pretext_base import PretextTask, accuracy
+from src.methods.pretext_base import PretextTask, correct_fraction
 from src.methods.relative_patch import GRID, check_gap, grid_problems
 from src.nn.heads import MLP
 from src.nn.patches import PERMUTATION_RULES, grid_patches, hamming_permutations, normalize_patches, permute
@@ -62,7 +62,7 @@ class Jigsaw(PretextTask):
         tiles = permute(tiles, self.permutations[label])  # B x 9 x C x p x p, shuffled
         features = self.forward(tiles.flatten(0, 1)).view(B, -1)  # B x 9D, in the shuffled order
         logits = self.head(features)  # B x P
-        return F.cross_entropy(logits, label), {"pretext_acc": accuracy(logits.detach(), label)}
+        return F.cross_entropy(logits, label), {"pretext_acc": correct_fraction(logits.detach(), label)}
 
     def on_fit_start(self) -> None:
         """Rank 0 writes the permutation set, one per line, to ``<default_root_dir>/jigsaw_permutations.txt``.

@@ -56,7 +56,7 @@ def mask_ratio_problems(ratio) -> list[str]:
     return [f"method.mask_ratio={ratio} must be in (0, 1): the share of patches hidden from the encoder"]
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def correct_fraction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Top-1 accuracy (a fraction) of ``logits`` (N x K) against ``labels`` (N,)."""
     return (logits.argmax(dim=1) == labels).float().mean()
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from src.methods.pretext_base import PretextTask, accuracy, crop_size
+from src.methods.pretext_base import PretextTask, correct_fraction, crop_size
 from src.nn.heads import MLP
 from src.nn.patches import MIN_PATCH, drop_colour, grid_patches, normalize_patches, smallest_size
 from src.utils.errors import UserError
@@ -77,7 +77,7 @@ class RelativePatch(PretextTask):
             pair = drop_colour(pair)
         features = self.forward(pair.flatten(0, 1)).view(B, -1)  # B x 2D: centre, neighbour
         logits = self.head(features)  # B x 8
-        return F.cross_entropy(logits, label), {"pretext_acc": accuracy(logits.detach(), label)}
+        return F.cross_entropy(logits, label), {"pretext_acc": correct_fraction(logits.detach(), label)}
 
     @classmethod
     def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:

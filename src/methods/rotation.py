@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from src.methods.pretext_base import PretextTask, accuracy
+from src.methods.pretext_base import PretextTask, correct_fraction
 from src.nn.heads import MLP
 from src.nn.patches import all_rotations, rotate
 from src.utils.errors import UserError
@@ -34,4 +34,4 @@ class Rotation(PretextTask):
         else:
             x, labels = all_rotations(x)  # 4B x C x S x S, 4B
         logits = self.head(self.forward(x))  # 4B x 4
-        return F.cross_entropy(logits, labels), {"pretext_acc": accuracy(logits.detach(), labels)}
+        return F.cross_entropy(logits, labels), {"pretext_acc": correct_fraction(logits.detach(), labels)}
