@@ -98,7 +98,8 @@ class FinalEvaluation(L.Callback):
                                lg.log_image(key=what, images=[image], caption=[f"epoch {epoch}, {caption}"],
                                             step=trainer.global_step)
                                for lg in trainer.loggers if isinstance(lg, WandbLogger)],
-                           forward_context=autocast_context(trainer.precision, pl_module.device), name=name)
+                           forward_context=autocast_context(trainer.precision, pl_module.device), name=name,
+                           say=rank_zero_info)
 
         out = (lambda tag: run_dir / "checkpoints" / f"last.{tag}.json") if main else None
         labels_available(trainer, self, "final evaluation")  # says so once when there are none

@@ -50,6 +50,7 @@ class Subject:
     publish: Callable[[str, torch.Tensor, str], None] | None = None
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None
     name: str = "trained"
+    say: Callable[[str], None] = print  # where a protocol's notes go (the final evaluation: rank 0's log)
     cache: dict = field(default_factory=dict, repr=False)  # (split, max_items) -> features a caller already has
 
     def features(self, split: str, max_items: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +157,7 @@ def run_protocols(protocols: list[Protocol], subject: Subject, random_subject: C
                       "eval_train_split": subject.datamodule.eval_split_names[0],
                       "eval_val_split": subject.datamodule.eval_split_names[1],
                       **scores, **random_scores, "wall_time_s": round(time.time() - start, 1)}
-            print(f"{protocol.tag}: {write_json_atomic(out(protocol.tag), record)}", flush=True)
+            subject.say(f"{protocol.tag}: {write_json_atomic(out(protocol.tag), record)}")
         results.update(scores)
         results.update(random_scores)
     return results

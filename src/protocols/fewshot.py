@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from scipy import stats
 from sklearn.linear_model import LogisticRegression
 
@@ -65,8 +64,8 @@ class FewShot(Protocol):
         out = {}
         for n in self.shots:
             if n > fewest:
-                rank_zero_info(f"fewshot: {n}-shot skipped, a class has only {fewest} images in the pool "
-                               "(raise protocols.fewshot.max_train_items)")
+                subject.say(f"fewshot: {n}-shot skipped, a class has only {fewest} images in the pool "
+                            "(raise protocols.fewshot.max_train_items)")
                 continue
             g = torch.Generator().manual_seed(subject.seed * 1_000_003 + n)
             accs = []
