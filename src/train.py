@@ -31,7 +31,7 @@ from src.callbacks.final_eval import FinalEvaluation
 from src.callbacks.resume import DataPosition, LastCheckpoint, Preemption, TrainingStarted, finish_evaluations
 from src.callbacks.throughput import ThroughputMonitor
 from src.config.command_line import launch_arguments, preflight
-from src.config.compose import CONF_DIR
+from src.config.compose import CONF_DIR, fitted
 from src.config.rules import check_config
 from src.utils.checkpointing import AtomicCheckpointIO, build_method, finished, resume_problem
 from src.utils.errors import RunInterrupted, UserError, fail
@@ -160,6 +160,8 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     names = {k: hc.runtime.choices.get(k) for k in ("method", "backbone", "data")}
+    if (line := fitted(cfg, hc.runtime.choices)) and rank_zero_only.rank == 0:  # "CPU-sized (...): ... instead of"
+        print(line, flush=True)
     sweep = None
     if hc.mode == RunMode.MULTIRUN:  # W&B: one group per sweep, each job named after its overrides
         sweep = (Path(hc.sweep.dir).name, hc.job.override_dirname or f"job {hc.job.num}")

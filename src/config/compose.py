@@ -95,3 +95,37 @@ def size_of_images(folder: str, count: int = 32) -> int | None:
     rank_zero_only(print)(f"data.image_size={size}: the median shorter side of {len(sides)} images under {folder}; "
                           "set data.image_size=<pixels> to choose another size", flush=True)
     return size
+
+
+def fitted(cfg, choices) -> str | None:
+    """The line a run logs when conf/fit/method/<method>_<hardware>.yaml changed its config (``choices``: Hydra's
+    ``runtime.choices``): each value it set that the command line did not set otherwise, beside the method's (or
+    data's) own value; None when no fit file applies."""
+    name = choices.get("fit/method@_global_") or choices.get("fit/method")
+    path = CONF_DIR / "fit" / "method" / f"{name}.yaml"
+    if not name or not path.is_file():
+        return None
+    fit = OmegaConf.load(path)
+    own = {top: _own_values(top, choices[top]) for top in ("method", "data")}
+    changed = []
+    for top in ("method", "data"):
+        for key, value in (fit.get(top) or {}).items():
+            if OmegaConf.select(cfg, f"{top}.{key}") == value:
+                changed.append(f"{top}.{key} {value} instead of {own[top].get(key)}")
+    if not changed:
+        return None
+    return (f"{str(choices.hardware).upper()}-sized ({path.relative_to(CONF_DIR.parent)}): {', '.join(changed)}; "
+            "hardware=gpu, a recipe (experiment=...) or method.<key>=... keeps the paper's")
+
+
+def _own_values(group: str, name: str) -> dict:
+    """The values of conf/<group>/<name>.yaml itself, with those of the options of the same group its defaults list
+    names (``method=moco`` is moco_v2's) underneath; read from the files (composing here would reset a running
+    Hydra app)."""
+    node = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
+    values: dict = {}
+    for entry in node.get("defaults") or []:
+        if isinstance(entry, str) and entry != "_self_" and (CONF_DIR / group / f"{entry}.yaml").is_file():
+            values.update(_own_values(group, entry))
+    values.update({k: v for k, v in node.items_ex(resolve=False) if k != "defaults"})
+    return values
