@@ -160,7 +160,7 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     names = {k: hc.runtime.choices.get(k) for k in ("method", "backbone", "data")}
-    if (line := fitted(cfg, hc.runtime.choices)) and rank_zero_only.rank == 0:  # "CPU-sized (...): ... instead of"
+    for line in fitted(cfg, hc.runtime.choices) if rank_zero_only.rank == 0 else []:  # "CPU-sized (...): ..."
         print(line, flush=True)
     sweep = None
     if hc.mode == RunMode.MULTIRUN:  # W&B: one group per sweep, each job named after its overrides

@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from src.config.compose import CONF_DIR, compose, fitted, group_options
 
 FITS = sorted((CONF_DIR / "fit" / "method").glob("*.yaml"))
+DATA_FITS = sorted((CONF_DIR / "fit" / "data").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", FITS, ids=lambda p: p.stem)
@@ -22,11 +23,29 @@ def test_a_fit_file_names_a_method_and_keys_it_has(path):
 def test_the_cpu_gets_the_fit_and_other_hardware_the_papers_sizes():
     cpu = compose(["method=dino"], return_hydra_config=True)
     assert (cpu.method.out_dim, cpu.method.hidden_dim) == (4096, 1024)
-    line = fitted(cpu, cpu.hydra.runtime.choices)
+    [line] = [ln for ln in fitted(cpu, cpu.hydra.runtime.choices) if "CPU-sized" in ln]
     assert line.startswith("CPU-sized (conf/fit/method/dino_cpu.yaml): method.out_dim 4096 instead of 65536")
     assert compose(["method=dino", "hardware=gpu"]).method.out_dim == 65536
     assert compose(["experiment=dino_vit_small_imagenet"]).method.out_dim == 65536
     mine = compose(["method=dino", "method.out_dim=512"], return_hydra_config=True)
-    assert mine.method.out_dim == 512 and "out_dim" not in fitted(mine, mine.hydra.runtime.choices)
-    plain = compose(["method=simclr"], return_hydra_config=True)
-    assert fitted(plain, plain.hydra.runtime.choices) is None
+    assert mine.method.out_dim == 512 and "out_dim" not in " ".join(fitted(mine, mine.hydra.runtime.choices))
+    plain = compose(["method=simclr", "data=digits"], return_hydra_config=True)
+    assert fitted(plain, plain.hydra.runtime.choices) == []
+
+
+@pytest.mark.parametrize("path", DATA_FITS, ids=lambda p: p.stem)
+def test_a_data_fit_names_a_backbone_and_data_and_keys_they_have(path):
+    backbone = next(b for b in group_options("backbone") if path.stem.startswith(b + "_"))
+    data = path.stem[len(backbone) + 1:]
+    assert data in group_options("data")
+    own = compose([f"backbone={backbone}", f"data={data}"]).backbone
+    assert set(OmegaConf.load(path).keys()) == {"backbone"} and set(OmegaConf.load(path).backbone) <= set(own)
+
+
+def test_the_fashion_mnist_showcase_pools_over_a_grid_and_everything_else_globally():
+    assert compose([]).backbone.pool_grid == 4  # the default run: data=fashion_mnist
+    for data in ("digits", "imagefolder", "cifar10", "pets"):
+        assert compose([f"data={data}", "data.image_size=32"]).backbone.pool_grid == 1, data
+    shown = compose([], return_hydra_config=True)
+    assert any("fitted to data=fashion_mnist" in ln and "backbone.pool_grid 4 instead of 1" in ln
+               for ln in fitted(shown, shown.hydra.runtime.choices))

@@ -97,25 +97,26 @@ def size_of_images(folder: str, count: int = 32) -> int | None:
     return size
 
 
-def fitted(cfg, choices) -> str | None:
-    """The line a run logs when conf/fit/method/<method>_<hardware>.yaml changed its config (``choices``: Hydra's
-    ``runtime.choices``): each value it set that the command line did not set otherwise, beside the method's (or
-    data's) own value; None when no fit file applies."""
-    name = choices.get("fit/method@_global_") or choices.get("fit/method")
-    path = CONF_DIR / "fit" / "method" / f"{name}.yaml"
-    if not name or not path.is_file():
-        return None
-    fit = OmegaConf.load(path)
-    own = {top: _own_values(top, choices[top]) for top in ("method", "data")}
-    changed = []
-    for top in ("method", "data"):
-        for key, value in (fit.get(top) or {}).items():
-            if OmegaConf.select(cfg, f"{top}.{key}") == value:
-                changed.append(f"{top}.{key} {value} instead of {own[top].get(key)}")
-    if not changed:
-        return None
-    return (f"{str(choices.hardware).upper()}-sized ({path.relative_to(CONF_DIR.parent)}): {', '.join(changed)}; "
-            "hardware=gpu, a recipe (experiment=...) or method.<key>=... keeps the paper's")
+def fitted(cfg, choices) -> list[str]:
+    """The lines a run logs when conf/fit/ changed its config (``choices``: Hydra's ``runtime.choices``):
+    fit/method/<method>_<hardware>.yaml (e.g. "CPU-sized") and fit/data/<backbone>_<data>.yaml, each value they set
+    that the command line did not set otherwise, beside the group's own value."""
+    lines = []
+    for kind in ("method", "data"):
+        name = choices.get(f"fit/{kind}@_global_") or choices.get(f"fit/{kind}")
+        path = CONF_DIR / "fit" / kind / f"{name}.yaml"
+        if not name or not path.is_file():
+            continue
+        fit = OmegaConf.load(path)
+        changed = [f"{top}.{key} {value} instead of {_own_values(top, choices[top]).get(key)}"
+                   for top in ("method", "data", "backbone") for key, value in (fit.get(top) or {}).items()
+                   if OmegaConf.select(cfg, f"{top}.{key}") == value]
+        if changed:
+            label = f"{str(choices.hardware).upper()}-sized" if kind == "method" else f"fitted to data={choices.data}"
+            keep = ("hardware=gpu, a recipe (experiment=...) or method.<key>=... keeps the paper's" if kind == "method"
+                    else "<key>=... on the command line wins")
+            lines.append(f"{label} ({path.relative_to(CONF_DIR.parent)}): {', '.join(changed)}; {keep}")
+    return lines
 
 
 def _own_values(group: str, name: str) -> dict:
