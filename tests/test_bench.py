@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from src.bench import quality as q
+from src.bench import quality_page as qp
 
 RESULTS = {"knn_top1": 80.0, "linear_top1": 85.0, "random_knn_top1": 67.5, "random_linear_top1": 81.5,
            "train_images_per_s": 140.0, "wall_time_s": 600.0, "eval_train_items": 10000,
@@ -21,7 +22,7 @@ def test_methods_and_command():
     assert cmd[-1] == "eval.final.linear_epochs=5"
     assert q.overrides_of(cmd) == ["method=simclr", "data=fashion_mnist", "backbone=convnet",
                                    "trainer.max_epochs=3", "data.max_train_samples=512", "seed=1",
-                                   "logger=csv", *q.CPU_OVERRIDES["simclr"], "eval.final.linear_epochs=5"]
+                                   "logger=csv", *q.BENCH_OVERRIDES["simclr"], "eval.final.linear_epochs=5"]
 
 
 def test_last_error_line():
@@ -38,14 +39,14 @@ def test_page_marks_failures_and_keeps_notes():
     assert "| byol | **failed**: exit 1: RuntimeError: a \\| b |" in page
     assert "need colour" not in page
     assert "85.54" in page and "77.92" in page
-    assert page.rstrip().endswith(q.NOTES_MARKER)
+    assert page.rstrip().endswith(qp.NOTES_MARKER)
     assert q.existing_notes(page) == ""
 
     edited = page + "\nByol failed because of X.\n\n### More\n- y\n"
     notes = q.existing_notes(edited)
     assert notes == "Byol failed because of X.\n\n### More\n- y"
     again = q.render_markdown([ok], BASELINE, META, notes)
-    assert again.count(q.NOTES_HEADING) == 1 and again.count(q.NOTES_MARKER) == 1
+    assert again.count(qp.NOTES_HEADING) == 1 and again.count(qp.NOTES_MARKER) == 1
     assert q.existing_notes(again) == notes
 
 

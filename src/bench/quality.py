@@ -37,55 +37,37 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.config.compose import compose, group_options
+from src.bench.quality_page import (
+    COLOUR_DATA,
+    EUCLID_K,
+    GRAY_DATA,
+    TOKENIZER_ENTRY,
+    VIT,
+    existing_notes,
+    format_stdout_table,
+    render_markdown,
+)
+from src.config.compose import compose, fitted, group_options
 from src.utils.io import write_text_atomic
 
-# Per-method Hydra overrides that fit the paper configs to a 400-step CPU budget on 10,240 images; every
-# override used is printed under the method in the results page. Three kinds only:
-# - queues no larger than a fraction of the subset (65,536 / 98,304 entries would be mostly the random
-#   initial vectors, or the query's own image, for the whole run);
-# - heads sized for a 128-d convnet feature instead of a 2048-d ResNet-50 one where the head, not the
-#   backbone, would dominate the CPU time (Barlow Twins / VICReg 8192 x 8192, DINO's 65,536-way head);
+# What this benchmark's budget (10 epochs over 10,240 images) adds to each run, beyond what a plain CPU run already
+# gets from conf/fit/ (queues, heads, CLIP's text tower, MAE's decoder: listed under each method in the page):
 # - 1 warm-up epoch instead of the papers' 10 (which the base would cap at half of this 10-epoch run);
-# - SwAV's prototypes frozen for one epoch as the paper says (its 313 steps are one ImageNet epoch at
-#   batch 4096, but 78% of this 400-step run).
-# ViT entries: the paper's ViT settings where they differ from the method yaml (MoCo v3: AdamW 1.5e-4, wd 0.1,
-# tau 0.2, 3-layer projector, fixed random patch projection and sin-cos positions), MAE's decoder sized for a
-# 128-d encoder (512 x 8 blocks would cost 30x the encoder per image), the same head sizes as the convnet rows.
+# - BEiT reads the visual tokenizer the vqvae entry trains first;
+# - MoCo v3 on the ViT: the paper's ViT settings where they differ from the method yaml (AdamW 1.5e-4, wd 0.1,
+#   tau 0.2, 3-layer projector, fixed random patch projection and sin-cos positions).
 _WARMUP = ["method.warmup_epochs=1"]
-_DINO = ["method.out_dim=4096", "method.hidden_dim=1024", *_WARMUP]
-VIT = "vit_cpu"
-TOKENIZER_ENTRY = "vqvae"
-CPU_OVERRIDES: dict[str, list[str]] = {
-    "simclr": _WARMUP,
-    "moco_v1": ["method.queue_size=4096"],
-    "moco_v2": ["method.queue_size=4096"],
-    "moco_v3": _WARMUP,
-    "byol": _WARMUP,
-    "nnclr": ["method.queue_size=4096", *_WARMUP],
-    "barlow_twins": ["method.proj_hidden_dim=2048", "method.proj_dim=2048", *_WARMUP],
-    "vicreg": ["method.proj_hidden_dim=2048", "method.proj_dim=2048", *_WARMUP],
-    "dino": _DINO,
-    "swav": ["method.freeze_prototypes_steps=40", *_WARMUP],
-    f"mae@{VIT}": ["method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4", *_WARMUP],
+BENCH_OVERRIDES: dict[str, list[str]] = {
+    **{m: _WARMUP for m in ("simclr", "moco_v3", "byol", "nnclr", "barlow_twins", "vicreg", "dino", "swav")},
+    **{f"{m}@{VIT}": _WARMUP for m in ("mae", "dino", "ibot", "dinov2")},
     f"beit@{VIT}": ["method.tokenizer={out}/" + TOKENIZER_ENTRY + "/checkpoints/last.ckpt", *_WARMUP],
-    f"dino@{VIT}": _DINO,
-    # CLIP: captions from the class names through the prompt templates (Fashion-MNIST has no captions); a text tower
-    # of 3 blocks, 128 wide, over 20 tokens (the longest class prompt has 13) instead of 12 x 512 over 77
-    "clip": ["data.captions=class_prompts", "method.context_length=20", "method.text_width=128", "method.text_heads=4",
-             "method.text_layers=3", "method.embed_dim=128"],
     f"moco_v3@{VIT}": ["method.temperature=0.2", "method.proj_layers=3", "method.optimizer._target_=torch.optim.AdamW",
                        "method.optimizer.lr=1.5e-4", "method.optimizer.weight_decay=0.1", "backbone.pos_embed=sincos",
                        "backbone.freeze_patch_embed=true", *_WARMUP],
 }
 REQUIRES = {f"beit@{VIT}": TOKENIZER_ENTRY}  # entry -> the entry whose checkpoint it reads
 
-GRAY_DATA, COLOUR_DATA = "fashion_mnist", "cifar10"
-
 ALIASES = {"moco"}  # conf/method/moco.yaml is moco_v2 under another name
-NOTES_HEADING = "## Notes"
-NOTES_MARKER = "<!-- notes: written by hand after the run -->"
-EUCLID_K = 5
 
 
 # ---- what runs -----------------------------------------------------------------------------------
@@ -108,7 +90,7 @@ def reads_tokens(method: str) -> bool:
 def default_methods() -> list[str]:
     """Every method on the convnet (but the alias moco and the ViT-only methods), then the ViT entries."""
     convnet = [m for m in group_options("method") if m not in ALIASES and not reads_tokens(m)]
-    return convnet + [f"{m}@{VIT}" for m in ("mae", "beit", "dino", "moco_v3")]
+    return convnet + [f"{m}@{VIT}" for m in ("mae", "beit", "dino", "ibot", "dinov2", "moco_v3")]
 
 
 def data_for(entry: str) -> str:
@@ -138,10 +120,16 @@ def run_command(entry: str, out: Path, epochs: int, train_samples: int, seed: in
                 data: str = GRAY_DATA) -> list[str]:
     """``python -m src.train ...`` for one entry (``method`` or ``method@backbone``), as a user would type it."""
     method, backbone = split_entry(entry)
-    cpu = [o.replace("{out}", str(out)) for o in CPU_OVERRIDES.get(entry, [])]
+    cpu = [o.replace("{out}", str(out)) for o in BENCH_OVERRIDES.get(entry, [])]
     return [sys.executable, "-m", "src.train", f"method={method}", f"data={data}", f"backbone={backbone}",
             f"trainer.max_epochs={epochs}", f"data.max_train_samples={train_samples}", f"seed={seed}",
             "logger=csv", f"hydra.run.dir={out / folder_name(entry)}", *cpu, *extra]
+
+
+def fit_lines(cmd: list[str]) -> list[str]:
+    """What conf/fit/ changes in the run of ``cmd`` (the lines the run itself prints)."""
+    cfg = compose([o for o in overrides_of(cmd) if not o.startswith("hydra.")], return_hydra_config=True)
+    return fitted(cfg, cfg.hydra.runtime.choices)
 
 
 def overrides_of(cmd: list[str]) -> list[str]:
@@ -167,6 +155,8 @@ class MethodRun:
     views: str = "?"
     log: str = ""
     config: dict = field(default_factory=dict)  # batch size etc. as composed
+    bench: list[str] = field(default_factory=list)  # what this benchmark adds (BENCH_OVERRIDES)
+    fitted: list[str] = field(default_factory=list)  # what conf/fit/ changed (the run's own log lines)
 
     @property
     def backbone(self) -> str:
@@ -327,174 +317,6 @@ def raw_pixel_baseline(extra: list[str]) -> dict:
     }
 
 
-# ---- the results page ----------------------------------------------------------------------------
-def existing_notes(text: str) -> str:
-    """Hand-written text under ``## Notes`` of an existing page (without the marker comment), or ''."""
-    m = re.search(rf"^{re.escape(NOTES_HEADING)}[ \t]*$", text, flags=re.MULTILINE)
-    if m is None:
-        return ""
-    body = text[m.end():].replace(NOTES_MARKER, "")
-    return body.strip("\n") if body.strip() else ""
-
-
-def _num(v, fmt: str = ".2f") -> str:
-    return format(v, fmt) if isinstance(v, int | float) else "—"
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def verdicts(run: MethodRun, raw_knn: float | None) -> tuple[str, str]:
-    """(beats random in both kNN and linear, beats raw-pixel kNN) as table cells."""
-    if not run.ok:
-        return "—", "—"
-    r = run.results
-    knn_gain, lin_gain = r["knn_top1"] - r["random_knn_top1"], r["linear_top1"] - r["random_linear_top1"]
-    rand = "yes" if knn_gain > 0 and lin_gain > 0 else f"no (kNN {knn_gain:+.2f}, linear {lin_gain:+.2f})"
-    if raw_knn is None:
-        return rand, "—"
-    gain = r["knn_top1"] - raw_knn
-    return rand, f"{'yes' if gain > 0 else 'no'} ({gain:+.2f})"
-
-
-def render_markdown(runs: list[MethodRun], baseline: dict | None, meta: dict, notes: str = "") -> str:
-    epochs, n, seed = meta["epochs"], meta["train_samples"], meta["seed"]
-    batch = next((r.config["batch_size"] for r in runs if r.config.get("batch_size")), meta.get("batch_size", 256))
-    ok = [r for r in runs if r.ok]
-    bank = ok[0].results.get("eval_train_items") if ok else (baseline or {}).get("bank")
-    queries = ok[0].results.get("eval_val_items") if ok else (baseline or {}).get("queries")
-    split = ok[0].results.get("eval_val_split", "test") if ok else "test"
-    per_method = "; ".join(f"`{r.method}`: {r.optimizer}, views `{r.views}`" for r in runs if not r.skipped)
-    raw_knn = baseline["knn_top1"] if baseline else None
-    gray = [r for r in runs if r.data == GRAY_DATA and r.backbone == "convnet"]
-    colour = [r for r in runs if r.data != GRAY_DATA]
-    vit = [r for r in runs if r.data == GRAY_DATA and r.backbone != "convnet"]
-    colour_note = f" (methods that need colour images: on {COLOUR_DATA}, see the last table)" if colour else ""
-    lines = [
-        "# Representation quality on Fashion-MNIST (CPU budget)",
-        "",
-        f"Every method was pre-trained from scratch, one after another on the same machine, "
-        f"on real Fashion-MNIST{colour_note} with the same backbone (`convnet`, 32/64/128 channels, 128-d features; "
-        f"the ViT rows: `{VIT}`, see their table) and the "
-        f"same budget: {epochs} epoch{'s' if epochs != 1 else ''} over a fixed random subset of {n:,} training images (seed {seed}), i.e. "
-        f"{epochs * n:,} images seen, batch size {batch} ({n // batch} steps per epoch), fp32 on the CPU. "
-        f"Each method keeps its own optimiser (from its yaml; the learning rate is scaled by batch/256 where "
-        f"the yaml says so) and its own augmentation recipe (the run's `views` choice): {per_method}. "
-        f"Evaluation is each run's own final evaluation of the frozen backbone: weighted kNN (cosine, k=200, "
-        f"votes exp(sim/0.07)) and a linear probe (logistic regression on standardised features), both "
-        f"fitted on {_num(bank, ',')} evenly spaced train images and measured on the whole {split} split "
-        f"({_num(queries, ',')} images); \"random\" is the same evaluation of a randomly initialised "
-        f"backbone of the same architecture. Top-1 in %, one seed.",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        meta["command"],
-        "```",
-        "",
-        f"Date: {meta['date']} · commit: `{meta['commit']}` · machine: {meta['machine']}",
-        "",
-        *_table(gray, raw_knn),
-        "",
-        "train img/s: training images (not views) per second, training steps only; wall: the run's "
-        "`wall_time_s`, from training set-up to the end of the final evaluation; pretext acc: the training "
-        "accuracy of a classification pretext task (rotation, patch location, jigsaw; BEiT: the masked-token prediction), mean over the last epoch.",
-    ]
-    if colour:
-        lines += ["", f"## Methods that need colour images ({COLOUR_DATA})", "", *_table(colour, None)]
-    if vit:
-        lines += ["", f"## Vision Transformers (`{VIT}`)", "",
-                  f"The same budget and evaluation on the CPU-sized ViT (`backbone={VIT}`: 128 wide, 4 blocks, 4 heads, "
-                  "4 px patches, i.e. 7x7 tokens of a 28 px image, 0.8M parameters); \"random\" is a randomly "
-                  f"initialised `{VIT}`. `beit@{VIT}` reads the visual tokens of the `{TOKENIZER_ENTRY}` run above "
-                  "(a VQ-VAE on the convnet, one token per 4x4 px patch). MAE is known to be weak under frozen-feature "
-                  "probes (kNN, linear) and strong under fine-tuning, which this table does not measure.",
-                  "", *_table(vit, raw_knn)]
-    image_text = [r for r in runs if r.ok and "zeroshot_top1" in r.results]
-    if image_text:
-        lines += ["", "## Image–text (CLIP on class-prompt captions)", "",
-                  "Captions are the class names in the prompt templates of `src/data/captions.py` (`data.captions="
-                  "class_prompts`): this shows the machinery (tokenizer, loss, zero-shot, retrieval) working on real "
-                  "images, not open-vocabulary learning. Zero-shot: each test image against the 10 class embeddings "
-                  "(mean over the templates), on the whole test split. Retrieval: the first 1,000 test images and "
-                  "their captions (every template of their class; one caption describes every image of its class, "
-                  "so there are 80 distinct captions); \"random\" is a freshly initialised image and text tower.",
-                  "", *_image_text_table(image_text)]
-    lines += ["",
-              "Overrides of each run (after `python -m src.train`, besides `hydra.run.dir=<out>/<entry>`):", ""]
-    for run in runs:
-        cpu = CPU_OVERRIDES.get(run.method, [])
-        cpu_txt = " ".join(f"`{o}`" for o in cpu) if cpu else "none"
-        reused = " (result reused from an earlier run of the same budget)" if run.reused else ""
-        lines.append(f"- **{run.method}**: `{' '.join(run.overrides)}`; CPU-budget overrides: {cpu_txt}{reused}")
-    lines += ["", "## Raw-pixel baselines (Fashion-MNIST)", ""]
-    if baseline:
-        lines += [
-            f"- kNN on raw pixels, same protocol as the runs (pixels normalised with mean {baseline['mean']} / "
-            f"std {baseline['std']}, flattened; cosine, k={baseline['k']}, weights exp(sim/{baseline['temperature']:g}), "
-            f"bank = {baseline['bank']:,} evenly spaced train images, queries = {baseline['queries']:,} test images): "
-            f"**{baseline['knn_top1']:.2f}**",
-            f"- Euclidean {baseline['euclid_k']}-NN, majority vote (`sklearn KNeighborsClassifier(n_neighbors="
-            f"{baseline['euclid_k']})`), all {baseline['euclid_train']:,} train images, pixels / 255, "
-            f"{baseline['euclid_queries']:,} test images: **{baseline['euclid_top1']:.2f}** "
-            "(published figure for this classifier on Fashion-MNIST: about 85-86)",
-        ]
-    else:
-        lines.append("- not computed (`--no-baseline`)")
-    lines += ["", NOTES_HEADING, "", NOTES_MARKER, ""]
-    if notes:
-        lines += [notes, ""]
-    return "\n".join(lines)
-
-
-def _table(runs: list[MethodRun], raw_knn: float | None) -> list[str]:
-    lines = ["| method | kNN top-1 | linear top-1 | random kNN | random linear | beats random (kNN and linear) "
-             "| beats raw-pixel kNN | train img/s | wall (s) | pretext acc |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
-    for run in runs:
-        if not run.ok:
-            why = f"not run: {run.skipped}" if run.skipped else f"**failed**: {run.error or '?'}"
-            lines.append(f"| {run.method} | {_md(why)} | — | — | — | — | — | — | — | — |")
-            continue
-        r = run.results
-        rand, raw = verdicts(run, raw_knn)
-        lines.append(f"| {run.method} | {_num(r['knn_top1'])} | {_num(r['linear_top1'])} "
-                     f"| {_num(r['random_knn_top1'])} | {_num(r['random_linear_top1'])} | {rand} | {raw} "
-                     f"| {_num(r.get('train_images_per_s'), '.0f')} | {_num(r.get('wall_time_s'), '.0f')} "
-                     f"| {_num(r.get('pretext_acc'))} |")
-    return lines
-
-
-def _image_text_table(runs: list[MethodRun]) -> list[str]:
-    keys = ["zeroshot_top1", "zeroshot_top5", "random_zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5",
-            "random_i2t_r1", "random_t2i_r1"]
-    lines = ["| method | zero-shot top-1 | zero-shot top-5 | random zero-shot top-1 | image->text R@1 | image->text R@5 "
-             "| text->image R@1 | text->image R@5 | random image->text R@1 | random text->image R@1 |",
-             "| --- |" + " ---: |" * len(keys)]
-    for run in runs:
-        lines.append(f"| {run.method} | " + " | ".join(_num(run.results.get(k)) for k in keys) + " |")
-    return lines
-
-
-def format_stdout_table(runs: list[MethodRun], baseline: dict | None) -> str:
-    head = f"{'method':<18} {'kNN':>6} {'linear':>6} {'rndKNN':>6} {'rndLin':>6} {'img/s':>6} {'wall s':>6}  status"
-    lines = [head, "-" * len(head)]
-    for run in runs:
-        r = run.results or {}
-        status = ("ok (reused)" if run.ok and run.reused else "ok" if run.ok
-                  else f"not run: {run.skipped}" if run.skipped else f"FAILED: {run.error}")
-        lines.append(f"{run.method:<18} {_num(r.get('knn_top1')):>6} {_num(r.get('linear_top1')):>6} "
-                     f"{_num(r.get('random_knn_top1')):>6} {_num(r.get('random_linear_top1')):>6} "
-                     f"{_num(r.get('train_images_per_s'), '.0f'):>6} {_num(r.get('wall_time_s'), '.0f'):>6}  {status}")
-    if baseline:
-        lines += ["", f"raw-pixel kNN (cosine, k={baseline['k']}, bank {baseline['bank']:,}, same protocol): "
-                  f"{baseline['knn_top1']:.2f}",
-                  f"raw-pixel Euclidean {baseline['euclid_k']}-NN (all {baseline['euclid_train']:,} train): "
-                  f"{baseline['euclid_top1']:.2f}"]
-    return "\n".join(lines)
-
-
 def missing_requirement(entry: str, runs: list[MethodRun], out: Path) -> str | None:
     """Why ``entry`` cannot run: the entry it reads (BEiT: the tokenizer) failed here or left no checkpoint."""
     need = REQUIRES.get(entry)
@@ -535,7 +357,7 @@ def _machine() -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m src.bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", help="comma-separated entries, method or method@backbone (default: every method on "
-                   "the convnet but the alias moco and the ViT-only ones, then mae, beit, dino and moco_v3 on vit_cpu)")
+                   "the convnet but the alias moco and the ViT-only ones, then mae, beit, dino, ibot, dinov2 and moco_v3 on vit_cpu)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--train-samples", type=int, default=10240, help="pre-training subset (data.max_train_samples)")
     p.add_argument("--seed", type=int, default=0)
@@ -589,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         budget = budget_record(args.epochs, args.train_samples, args.seed, overrides_of(cmd))
         run = run_method(cmd, m, args.out, budget, args.reuse)
-        run.data = data
+        run.data, run.bench, run.fitted = data, BENCH_OVERRIDES.get(m, []), fit_lines(cmd)
         describe_method(run)
         runs.append(run)
         print(f"[quality] {m}: {'ok' if run.ok else 'FAILED: ' + str(run.error)}", flush=True)
