@@ -17,6 +17,9 @@ fewshot, plot), each beside a random-init model of the same architecture; settin
 the bare key when one protocol is named (``protocol=finetune label_fraction=0.01``). Each writes
 ``<checkpoint stem>.<tag>.json`` (e.g. ``last.finetune_1pct.json``) beside the checkpoint or weights file, prints a
 table, and, when the checkpoint's run logged to W&B, adds its figures to that W&B run.
+
+``--check`` composes, loads and checks everything (the file, the config, the data, the weights against the model) and
+stops: nothing is measured or written.
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ from src.utils.errors import UserError, fail
 from src.utils.io import write_json_atomic
 from src.utils.results import format_comparison, format_table
 
-USAGE = ("usage: python -m src.eval path/to/last.ckpt [protocol=knn|linear|finetune|fewshot|plot] [overrides such as "
-         "data=...], or python -m src.eval backbone=... [backbone.pretrained=/path/to/weights] [protocol=...] [data=...] "
-         "for a backbone without a checkpoint")
+USAGE = ("usage: python -m src.eval path/to/last.ckpt [protocol=knn|linear|finetune|fewshot|plot|segment|image_text] "
+         "[overrides such as data=...] [--check], or python -m src.eval backbone=... [backbone.pretrained=/path/to/weights] "
+         "[protocol=...] [data=...] for a backbone without a checkpoint; --check: load and check, measure nothing")
 
 
 def run_overrides(ckpt: Path) -> list[str]:
@@ -62,7 +65,7 @@ def run_overrides(ckpt: Path) -> list[str]:
     return [o for o in OmegaConf.load(saved) if not str(o).startswith(skip)]
 
 
-def evaluate(ckpt: Path, overrides: list[str], protocols: list[str] = ()) -> dict:
+def evaluate(ckpt: Path, overrides: list[str], protocols: list[str] = (), check: bool = False) -> dict:
     if not ckpt.is_file():
         raise UserError(f"{ckpt} is not a file; pass the path of a checkpoint such as outputs/<run>/checkpoints/last.ckpt")
     groups = {o.split("=", 1)[0] for o in overrides if "=" in o and "." not in o.split("=", 1)[0]}
@@ -78,10 +81,12 @@ def evaluate(ckpt: Path, overrides: list[str], protocols: list[str] = ()) -> dic
     choices = cfg.hydra.runtime.choices
     names = {group: choices.get(group) for group in ("method", "backbone", "data")}
     head = {"checkpoint": str(ckpt), **names, "epochs": epochs_trained(state), "global_step": state.get("global_step")}
+    if check:
+        return head
     return {**head, **evaluate_model(method, method.views, cfg, protocols, lambda: build_method(cfg, fresh=True), ckpt)}
 
 
-def evaluate_backbone(overrides: list[str], protocols: list[str] = ()) -> dict:
+def evaluate_backbone(overrides: list[str], protocols: list[str] = (), check: bool = False) -> dict:
     """The same evaluation of a bare backbone (no checkpoint): random weights, or weights downloaded elsewhere
     (``backbone=vit_small backbone.pretrained=dino_deitsmall16_pretrain.pth``)."""
     problems = problems_for(overrides)
@@ -97,6 +102,8 @@ def evaluate_backbone(overrides: list[str], protocols: list[str] = ()) -> dict:
     if getattr(backbone, "image_text", None) is not None and choices.get("method") == "clip":  # a CLIP snapshot:
         backbone = instantiate(cfg.method, backbone=backbone, views=instantiate(cfg.views))  # both towers (zero-shot)
         random = lambda: build_method(cfg, fresh=True)  # noqa: E731
+    if check:
+        return head
     return {**head, **evaluate_model(backbone, instantiate(cfg.views), cfg, protocols, random,
                               Path(weights) if weights else None)}
 
@@ -180,19 +187,24 @@ def protocol_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    check = "--check" in argv  # compose, load and check everything, then stop (nothing is measured or written)
+    argv = [a for a in argv if a != "--check"]
     if not argv or argv[0].startswith("-"):
         fail([USAGE])
     bare = "=" in argv[0]  # no checkpoint: a backbone, random or from backbone.pretrained
     try:
         protocols, argv = protocol_arguments(argv)
-        results = (evaluate_backbone(argv, protocols) if bare
-                   else evaluate(Path(argv[0]), argv[1:], protocols))
+        results = (evaluate_backbone(argv, protocols, check) if bare
+                   else evaluate(Path(argv[0]), argv[1:], protocols, check))
     except UserError as e:
         fail(str(e).splitlines())
     except InstantiationException as e:  # a weights file that does not fit the backbone
         if not isinstance(e.__cause__, UserError):
             raise
         fail(str(e.__cause__).splitlines())
+    if check:
+        print(f"checked: {results} ({', '.join(protocols) or 'the final evaluation'} would run)", flush=True)
+        return
     if protocols:
         print(format_comparison(results), flush=True)
         return
