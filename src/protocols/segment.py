@@ -142,7 +142,10 @@ class Segment(Protocol):
             mask = torch.where(gt == IGNORE, 0.5, (gt == 1).float()).cpu().expand(3, -1, -1)
             overlay = rgb * 0.35 + pred.float().cpu().unsqueeze(0) * torch.tensor([1.0, 0.55, 0.0]).view(3, 1, 1) * 0.65
             tiles += [rgb, mask, overlay]
-        image = make_grid(torch.stack(tiles), nrow=3, padding=2, pad_value=1.0)
+        tiles = torch.stack(tiles)
+        scale = max(1, 96 // tiles.shape[-1])  # small images (28 px) drawn at least 84 px wide, pixel for pixel
+        tiles = tiles.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+        image = make_grid(tiles, nrow=3, padding=2, pad_value=1.0)
         what = "segment" if subject.name == "trained" else f"{subject.name}_segment"
         caption = (f"image / mask / attention mask ({100 * self.mass:.0f}% of the CLS attention, best head), "
                    f"{subject.name} model: Jaccard {score:.1f}")
