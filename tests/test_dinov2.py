@@ -32,6 +32,7 @@ from src.nn.self_distillation import (
     update_center_,
 )
 from src.protocols.features import extract_features
+from src.utils.checkpointing import load_checkpoint
 from src.utils.errors import UserError
 from tests.helpers import tiny_cfg
 
@@ -420,6 +421,8 @@ def test_head_warmup_trains_the_heads_on_a_frozen_loaded_backbone(tmp_path):
     assert seen["after"] >= seen["before"], seen
     print(f"head warm-up: kNN top-1 of the loaded backbone {seen['before']:.2f}, after the warm-up {seen['after']:.2f}")
     assert any(not torch.equal(v, loaded[k]) for k, v in method.backbone.state_dict().items()), "then it learns"
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # plain values only: it loads safely
+    assert load_checkpoint(tmp_path / "last.ckpt")["hyper_parameters"]["mask_ratio"] == (0.1, 0.5)
 
 
 # ---- bad settings ----------------------------------------------------------------------------------------

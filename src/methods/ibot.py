@@ -58,11 +58,13 @@ class IBOT(DINO):
                  mask_min_aspect: float = 0.3, cls_weight: float = 1.0, patch_weight: float = 1.0,
                  head_warmup_epochs: float = 0, **kwargs):
         require_token_api(backbone, type(self).__name__)
+        mask_ratio = tuple(float(r) for r in mask_ratio)  # plain values in the hyperparameters (a yaml list is not)
         for problem in mask_ratio_range_problems("method.mask_ratio", list(mask_ratio), mask_probability,
                                                  "method.mask_probability"):
             raise ValueError(problem)
         backbone.add_mask_token()  # before the teacher is copied: both hold it, as both of iBOT's ViTs do
         super().__init__(backbone, views, optimizer, out_dim=out_dim, **kwargs)
+        self.hparams["mask_ratio"] = mask_ratio  # a subclass's **kwargs may have brought the yaml's ListConfig
         self.patch_head = None if shared_head else self.build_patch_head()
         self.patch_head_t = None if self.patch_head is None else frozen_copy(self.patch_head)
         k = out_dim if shared_head else patch_out_dim
