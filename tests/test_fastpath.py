@@ -222,8 +222,9 @@ def test_compile_option_compiles_the_backbone_in_place_and_training_runs(tmp_pat
 
 def test_compile_without_a_compiler_is_one_line(monkeypatch):
     import src.methods.base as base
+    import src.nn.optim as optim
 
-    monkeypatch.setattr(base.shutil, "which", lambda name: None)
+    monkeypatch.setattr(optim.shutil, "which", lambda name: None)
     cfg = tiny_cfg("simclr", "+method.compile=true")
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,

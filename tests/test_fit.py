@@ -29,7 +29,7 @@ def test_the_cpu_gets_the_fit_and_other_hardware_the_papers_sizes():
     assert compose(["experiment=dino_vit_small_imagenet"]).method.out_dim == 65536
     mine = compose(["method=dino", "method.out_dim=512"], return_hydra_config=True)
     assert mine.method.out_dim == 512 and "out_dim" not in " ".join(fitted(mine, mine.hydra.runtime.choices))
-    plain = compose(["method=simclr", "data=digits"], return_hydra_config=True)
+    plain = compose(["method=simclr", "data=cifar10"], return_hydra_config=True)
     assert fitted(plain, plain.hydra.runtime.choices) == []
 
 
@@ -44,7 +44,7 @@ def test_a_data_fit_names_a_backbone_and_data_and_keys_they_have(path):
 
 def test_the_fashion_mnist_showcase_pools_over_a_grid_and_everything_else_globally():
     assert compose([]).backbone.pool_grid == 4  # the default run: data=fashion_mnist
-    for data in ("digits", "imagefolder", "cifar10", "pets"):
+    for data in ("imagefolder", "cifar10", "pets", "stl10"):
         assert compose([f"data={data}", "data.image_size=32"]).backbone.pool_grid == 1, data
     shown = compose([], return_hydra_config=True)
     assert any("fitted to data=fashion_mnist" in ln and "backbone.pool_grid 4 instead of 1" in ln

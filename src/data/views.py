@@ -7,6 +7,7 @@ device, so ``torch.manual_seed`` makes the views reproducible.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -158,8 +159,11 @@ def color_jitter(
     ones = torch.ones(B, device=dev)
     factors = torch.stack([f if f is not None else ones for f in (brightness, contrast, saturation)]
                           + [ones], dim=1)  # B x 4, the hue column unused
-    active = torch.tensor([brightness is not None, contrast is not None, saturation is not None and rgb, False],
-                          device=dev)
+    on = [i for i, f in enumerate((brightness, contrast, saturation if rgb else None)) if f is not None]
+
+    def active(op: Tensor) -> Tensor:  # whether each sample's op at this position is one of the jitters in use
+        return functools.reduce(torch.logical_or, [op == i for i in on], torch.zeros_like(op, dtype=torch.bool))
+
     if order is None:
         order = torch.arange(4, device=dev).expand(B, 4)
     hue_at = (order == 3).int().argmax(dim=1)  # B: the position of the hue shift
@@ -170,7 +174,7 @@ def color_jitter(
                              torch.where((op == 1).view(-1, 1, 1, 1), luma.mean((1, 2, 3), keepdim=True), 0.0))
         f = factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1)
         y = (target + f * (x - target)).clamp(0, 1)
-        return torch.where((when & active[op]).view(-1, 1, 1, 1), y, x)
+        return torch.where((when & active(op)).view(-1, 1, 1, 1), y, x)
 
     for t in range(3):  # the blends a sample makes before its hue shift
         x = blend_step(x, order[:, t], t < hue_at)
