@@ -159,7 +159,7 @@ BAD_INPUTS = {
                                          f"EuroSAT is not under data.root={IMAGES} and data.download=false: "
                                          "torchvision expects eurosat/2750/<class>/*.jpg there"),
     # image–text
-    "CLIP without captions": (["method=clip"], "method=clip needs image–text pairs: set data.captions=class_prompts"),
+    "CLIP without captions": (["method=clip", "data.captions=null"], "method=clip needs image–text pairs: set data.captions=class_prompts"),
     "caption file missing": (["method=clip", "data=captions", "data.captions=/nonexistent/pairs.csv"],
                              "data.captions=/nonexistent/pairs.csv: no such file"),
     "WebDataset shard missing": (["method=clip", "data=captions", "data.captions='/nonexistent/{0..1}.tar'"],

@@ -427,7 +427,7 @@ def test_head_warmup_trains_the_heads_on_a_frozen_loaded_backbone(tmp_path):
 
 # ---- bad settings ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("overrides", "line"), [
-    (["method=dinov2"], "DINOv2 needs a ViT backbone with the token API: use backbone=vit_cpu"),
+    (["method=dinov2", "backbone=convnet"], "DINOv2 needs a ViT backbone with the token API: use backbone=vit_cpu"),
     (["method=ibot", "backbone=vit_cpu", "method.mask_ratio=[0.6,0.2]"], "method.mask_ratio=[0.6, 0.2] must be"),
     (["method=dinov2", "backbone=vit_cpu", "method.centering=mean"], "method.centering='mean'; allowed: centering"),
     (["method=ibot", "backbone=vit_cpu", "method.head_warmup_epochs=-1"], "method.head_warmup_epochs=-1 must be >= 0"),
