@@ -188,10 +188,11 @@ def dino_loss(
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp codes of SwAV (Caron et al. 2020, eq. 3 and appendix A.1), over the global batch.
 
-    ``scores``: (B, K) prototype scores of this rank (every rank holds B). Returns (B, K) assignments
-    Q* = Diag(u) exp(scores / epsilon) Diag(v) rescaled so that each row is a distribution over the
-    K prototypes and, at convergence, the prototypes are equipartitioned over the world * B samples.
-    No gradient; computed in (at least) float32.
+    ``scores``: (B, K) prototype scores of this rank (ranks may hold different B: DINOv2's masked patches). Returns
+    (B, K) assignments Q* = Diag(u) exp(scores / epsilon) Diag(v) rescaled so that each row is a distribution over
+    the K prototypes and, at convergence, the prototypes are equipartitioned over the N rows of every rank (sums and
+    N all-reduced). No gradient; computed in (at least) float32. Also DINOv2's teacher
+    (:func:`src.nn.self_distillation.sinkhorn_knopp`, epsilon = the teacher temperature).
     """
     if epsilon <= 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
@@ -199,15 +200,16 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
         raise ValueError(f"sinkhorn needs at least one iteration, got {iterations}")
     s = _at_least_f32(scores)
     k = s.shape[1]
-    b_global = s.shape[0] * du.world_size()
-    q = torch.exp((s - du.all_reduce_max(s.max())) / epsilon).T  # K x B, global max for stability
+    count = du.all_reduce_sum(s.new_full((1,), float(s.shape[0])))  # N: the rows of every rank (no host copy)
+    top = s.amax() if s.numel() else s.new_full((), -torch.inf)
+    q = torch.exp((s - du.all_reduce_max(top)) / epsilon).T  # K x B, global max for stability
     q /= du.all_reduce_sum(q.sum())
     for _ in range(iterations):
         q /= du.all_reduce_sum(q.sum(dim=1, keepdim=True))  # K x 1: each prototype gets total mass 1/K
         q /= k
-        q /= q.sum(dim=0, keepdim=True)  # 1 x B: each sample gets total mass 1/B_global
-        q /= b_global
-    return (q * b_global).T  # B x K, rows sum to 1
+        q /= q.sum(dim=0, keepdim=True)  # 1 x B: each sample gets total mass 1/N
+        q /= count
+    return (q * count).T  # B x K, rows sum to 1
 
 
 def swav_loss(

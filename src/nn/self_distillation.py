@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from src.nn.losses import sinkhorn
 from src.nn.masks import block_mask
 from src.utils import distributed as du
 
@@ -51,20 +52,7 @@ def sinkhorn_knopp(teacher: Tensor, temp: float, iterations: int = 3) -> Tensor:
     """
     if temp <= 0:
         raise ValueError(f"teacher temperature must be > 0, got {temp}")
-    if iterations < 1:
-        raise ValueError(f"sinkhorn_knopp needs at least one iteration, got {iterations}")
-    t = _f32(teacher)
-    k = t.shape[1]
-    count = du.all_reduce_sum(torch.tensor([float(t.shape[0])], device=t.device))  # N: rows of every process
-    top = t.amax() if t.numel() else torch.tensor(-torch.inf, device=t.device)
-    q = torch.exp((t - du.all_reduce_max(top)) / temp).T  # K x n
-    q /= du.all_reduce_sum(q.sum())
-    for _ in range(iterations):
-        q /= du.all_reduce_sum(q.sum(dim=1, keepdim=True))  # K x 1: each prototype's mass -> 1/K
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)  # 1 x n: each sample's mass -> 1/N
-        q /= count
-    return (q * count).T
+    return sinkhorn(teacher, epsilon=temp, iterations=iterations)  # SwAV's, which counts every process's rows
 
 
 @torch.no_grad()
