@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from src.utils.errors import UserError, fail
+from src.utils.errors import UserError, one_line_errors
 
 FORMATS = (".npy", ".pt", ".csv", ".parquet")
 POOLS = ("cls", "mean")
@@ -295,15 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.model)
     if overrides and "=" not in overrides[0]:
         ckpt = Path(overrides.pop(0))
-    try:
+    with one_line_errors():
         info = embed(ckpt, overrides, args.images, args.out, args.pool, args.batch_size, args.device, args.workers,
                      not args.no_progress)
-    except UserError as e:
-        fail(str(e).splitlines())
-    except Exception as e:  # a constructor's refusal, wrapped by Hydra's instantiate
-        if not isinstance(e.__cause__, UserError):
-            raise
-        fail(str(e.__cause__).splitlines())
     if info["skipped"]:
         shown = list(info["skipped"].items())
         print(f"skipped {len(shown)} unreadable file(s):", file=sys.stderr)

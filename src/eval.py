@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -46,7 +45,7 @@ from src.utils.checkpointing import (
     load_checkpoint,
     load_weights,
 )
-from src.utils.errors import UserError, fail
+from src.utils.errors import UserError, fail, one_line_errors
 from src.utils.io import write_json_atomic
 from src.utils.results import format_comparison, format_table
 
@@ -192,16 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0].startswith("-"):
         fail([USAGE])
     bare = "=" in argv[0]  # no checkpoint: a backbone, random or from backbone.pretrained
-    try:
+    with one_line_errors():  # also a weights file that does not fit the backbone (refused by its constructor)
         protocols, argv = protocol_arguments(argv)
         results = (evaluate_backbone(argv, protocols, check) if bare
                    else evaluate(Path(argv[0]), argv[1:], protocols, check))
-    except UserError as e:
-        fail(str(e).splitlines())
-    except InstantiationException as e:  # a weights file that does not fit the backbone
-        if not isinstance(e.__cause__, UserError):
-            raise
-        fail(str(e.__cause__).splitlines())
     if check:
         print(f"checked: {results} ({', '.join(protocols) or 'the final evaluation'} would run)", flush=True)
         return

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from src.protocols.image_text import encode_texts, has_text_tower
-from src.utils.errors import UserError, fail
+from src.utils.errors import UserError, one_line_errors
 from src.utils.sheet import contact_sheet
 
 
@@ -102,14 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.model)
     ckpt = Path(overrides.pop(0)) if "=" not in overrides[0] else None
-    try:
+    with one_line_errors():
         matches, out = search(ckpt, args.images, args.query, args.top, args.out, overrides)
-    except UserError as e:
-        fail(str(e).splitlines())
-    except Exception as e:  # a constructor's refusal, wrapped by Hydra's instantiate
-        if not isinstance(e.__cause__, UserError):
-            raise
-        fail(str(e.__cause__).splitlines())
     width = len(str(len(matches)))
     print(f'top {len(matches)} for "{args.query}":')
     for rank, (path, score) in enumerate(matches, 1):

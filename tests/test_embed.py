@@ -39,7 +39,7 @@ def run(capsys, *argv):
 def checkpoint(tmp_path_factory):
     """SimCLR on a tiny convnet, one step on fake 16 px RGB data."""
     folder = tmp_path_factory.mktemp("embed")
-    cfg = tiny_cfg("simclr")
+    cfg = tiny_cfg("simclr", "backbone.pool_grid=4")  # 16 channels x 4 x 4 = 256-d features
     L.seed_everything(0)
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
     method.run_config = {k: to_plain(cfg[k]) for k in ("backbone", "views", "method", "data")}

@@ -3,7 +3,9 @@ problem on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 
 class UserError(Exception):
@@ -23,3 +25,17 @@ def fail(problems: list[str]) -> None:
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A command's body: a :class:`UserError`, also one a constructor raised under Hydra's ``instantiate`` (its cause),
+    ends the command with :func:`fail`'s lines; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except UserError as e:
+        fail(str(e).splitlines())
+    except Exception as e:
+        if not isinstance(e.__cause__, UserError):
+            raise
+        fail(str(e.__cause__).splitlines())
