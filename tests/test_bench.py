@@ -84,3 +84,15 @@ def test_vit_entries_run_on_the_vit_and_beit_reads_the_tokenizer(tmp_path):
     page = q.render_markdown([q.MethodRun("simclr", ["method=simclr"], results=RESULTS), dino], BASELINE, META)
     vit_section = page.split("## Vision Transformers (`vit_cpu`)")[1].split("## Raw-pixel")[0]
     assert "| dino@vit_cpu | 80.00 | 85.00 |" in vit_section and "dino@vit_cpu" not in page.split("## Vision")[0].split("| --- |")[1]
+
+
+def test_the_defaults_page_shows_each_methods_plain_run_and_its_refusals():
+    from src.bench import defaults
+
+    assert defaults.command("beit", Path("/o"))[3:] == ["method=beit", "method.tokenizer=/o/vqvae/checkpoints/last.ckpt",
+                                                         "hydra.run.dir=/o/beit"]
+    fits = {"dino": ["CPU-sized (conf/fit/method/dino_cpu.yaml): method.out_dim 4096 instead of 65536; hardware=gpu ..."]}
+    page = defaults.render({"dino": {**RESULTS, "backbone": "convnet", "wall_time_s": 700.0, "val_knn_top1": 79.0},
+                            "colorization": {"error": "colorization needs RGB data"}}, fits, META)
+    assert "| dino | convnet | method.out_dim 4096 instead of 65536 | 700 (over 10 min) |" in page
+    assert "yes (+12.50), yes (+3.50) |" in page and "| colorization | — | — | — | — | not run: colorization needs" in page
