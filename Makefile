@@ -38,11 +38,13 @@ quality: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m src.bench.speed --out docs/benchmarks.md $(ARGS)
 
+# One test process per core (pytest-xdist), a test file's tests in one process (they share its fixtures).
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

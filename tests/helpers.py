@@ -1,7 +1,10 @@
 import atexit
 import functools
+import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,11 +88,54 @@ def overrides_keys(overrides, full: bool = False) -> set[str]:
     return keys if full else {k.removeprefix("method.") for k in keys}
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m src.train ARGS` as a user would."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m src.train ARGS` as a user would (see :func:`run_module`)."""
+    return run_module("src.train", *args, cwd=cwd, timeout=timeout, env=env)
+
+
+def run_module(module: str, *args: str, cwd: Path = ROOT, timeout: int = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m MODULE ARGS` as a user would: a process of its own, forked from :func:`cli_server`, which has
+    paid the imports once (a DDP run's other processes are `python -m MODULE ARGS`, started by Lightning). ``env``:
+    the whole environment (default: this one, with warnings off and W&B offline)."""
+    env = env or {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    server = cli_server()
+    with tempfile.TemporaryDirectory(prefix="sslkit-cli-") as folder:
+        out, err = f"{folder}/stdout", f"{folder}/stderr"
+        request = {"module": module, "args": list(args), "cwd": str(cwd), "env": env, "stdout": out, "stderr": err}
+        server.stdin.write((json.dumps(request) + "\n").encode())
+        server.stdin.flush()
+        pid = json.loads(_reply(server, timeout))["pid"]
+        try:
+            code = json.loads(_reply(server, timeout))["rc"]
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+            _reply(server, 60)
+            raise
+        return subprocess.CompletedProcess([module, *args], code, Path(out).read_text(errors="replace"),
+                                           Path(err).read_text(errors="replace"))
+
+
+def _reply(server: subprocess.Popen, timeout: float) -> str:
+    """The server's next line, read byte by byte from its pipe (nothing is left in a buffer that select cannot see)."""
+    line, fd = b"", server.stdout.fileno()
+    while not line.endswith(b"\n"):
+        if not select.select([fd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(["tests/cli_server.py"], timeout)
+        byte = os.read(fd, 1)
+        if not byte:
+            raise RuntimeError("tests/cli_server.py ended")
+        line += byte
+    return line.decode()
+
+
+@functools.cache
+def cli_server() -> subprocess.Popen:
+    """tests/cli_server.py, started once per test process."""
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_server.py")], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, bufsize=0)
+    atexit.register(server.kill)
+    return server
 
 
 def to_plain(cfg):

@@ -67,7 +67,8 @@ def test_colour_methods_run_on_colour_data_or_say_why_not(tmp_path):
 def test_vit_entries_run_on_the_vit_and_beit_reads_the_tokenizer(tmp_path):
     methods = q.default_methods()
     assert "mae" not in methods and "beit" not in methods and "vqvae" in methods
-    assert methods[-4:] == ["mae@vit_cpu", "beit@vit_cpu", "dino@vit_cpu", "moco_v3@vit_cpu"]
+    assert methods[-6:] == ["mae@vit_cpu", "beit@vit_cpu", "dino@vit_cpu", "ibot@vit_cpu", "dinov2@vit_cpu",
+                            "moco_v3@vit_cpu"]
     assert methods.index("vqvae") < methods.index("beit@vit_cpu")
     cmd = q.run_command("beit@vit_cpu", tmp_path, 3, 512, 0, [])
     assert cmd[3:6] == ["method=beit", "data=fashion_mnist", "backbone=vit_cpu"]

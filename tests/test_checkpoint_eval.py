@@ -2,20 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, run_cli
+from tests.helpers import run_cli, run_module
 
 pytestmark = pytest.mark.slow
 
 
 def run_eval(*args):
-    return subprocess.run([sys.executable, "-m", "src.eval", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return run_module("src.eval", *args)
 
 
 def one_error(proc) -> str:

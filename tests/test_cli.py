@@ -147,7 +147,7 @@ BAD_INPUTS = {
                                                     "views.crops[1].size=10 is not a multiple of backbone.patch_size=4"),
     "mask ratio outside (0, 1)": (["method=mae", "backbone=vit_cpu", "method.mask_ratio=1.2"],
                                   "method.mask_ratio=1.2 must be in (0, 1)"),
-    "MAE on a convnet": (["method=mae"], "MAE needs a ViT backbone with the token API: use backbone=vit_cpu"),
+    "MAE on a convnet": (["method=mae", "backbone=convnet"], "MAE needs a ViT backbone with the token API: use backbone=vit_cpu"),
     "BEiT without a tokenizer": (["method=beit", "backbone=vit_cpu"], "method=beit needs a visual tokenizer: train one "
                                  "with `python -m src.train method=vqvae`"),
     "BEiT with a tokenizer of another grid": (["method=beit", "backbone=vit_cpu", "data=fake", "backbone.patch_size=8",
@@ -249,11 +249,7 @@ def _no_credentials_env(tmp_path):
 
 
 def _run_env(args, env, cwd):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_cli(*args, cwd=cwd, env=env)
 
 
 def test_wandb_without_credentials_logs_offline(tmp_path):

@@ -3,12 +3,10 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -17,11 +15,9 @@ RSS_GROWTH_BOUND_MIB = 20  # resident memory may not grow more than this after t
 
 
 def run(run_dir, *args, env=None):
-    return subprocess.run([sys.executable, "-m", "src.train", "data=digits", "backbone.width=8",
-                           "method.warmup_epochs=0", "eval.knn.every_n_epochs=1", "eval.final.linear_epochs=10",
-                           "eval.final.random_baseline=false", f"hydra.run.dir={run_dir}", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    return run_cli("data=digits", "backbone.width=8", "method.warmup_epochs=0", "eval.knn.every_n_epochs=1",
+                   "eval.final.linear_epochs=10", "eval.final.random_baseline=false", f"hydra.run.dir={run_dir}", *args,
+                   timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
 
 def curve(run_dir) -> list[tuple[str, str, str]]:

@@ -261,7 +261,7 @@ def test_quantizer_keeps_a_restarted_code_that_is_used_with_threshold_two():
     vq(batch())  # no vector reaches code 3: restarted on one of them
     assert vq.counts[3] == 2.0 and (vq.codebook[3] - torch.tensor([5.0, 5.0])).abs().max() < 0.1
     torch.testing.assert_close(vq.sums[3], 2 * vq.codebook[3])
-    for step in range(3):  # now every vector goes to code 3: it stays, its count follows the EMA
+    for _ in range(3):  # now every vector goes to code 3: it stays, its count follows the EMA
         before = vq.counts[3].item()
         vq(batch())
         torch.testing.assert_close(vq.counts[3], torch.tensor(0.99 * before + 0.01 * 16))

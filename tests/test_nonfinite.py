@@ -2,13 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +18,7 @@ STEP = 14  # inside the second epoch (11 steps per epoch on digits at batch 128)
 
 def _run(run_dir, *extra):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "NAN_AT_STEP": str(STEP)}
-    return subprocess.run([sys.executable, "-m", "src.train", *RUN, f"hydra.run.dir={run_dir}", *extra], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return run_cli(*RUN, f"hydra.run.dir={run_dir}", *extra, env=env)
 
 
 def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):

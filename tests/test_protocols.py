@@ -5,9 +5,6 @@ without its stop-gradient) that the health callback reports."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import lightning as L
@@ -22,7 +19,8 @@ from src.nn.metrics import accuracy
 from src.protocols.data import balanced_subset, read_subset, write_subset
 from src.protocols.fewshot import episode, mean_interval
 from src.protocols.finetune import layer_ids, param_groups
-from tests.helpers import ROOT, run_cli, tiny_cfg
+from tests import helpers
+from tests.helpers import run_cli, tiny_cfg
 
 
 def test_knn_sweep_matches_one_k_at_a_time_and_a_naive_vote():
@@ -113,8 +111,7 @@ SMALL = ("protocols.fewshot.episodes=2", "protocols.fewshot.shots=[1,5]", "proto
 
 
 def run_module(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return helpers.run_module(module, *args)
 
 
 @pytest.fixture(scope="module")

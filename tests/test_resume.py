@@ -29,8 +29,7 @@ def _run(run_dir, *extra, signal_at=None, signal_name="KILL"):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
     if signal_at is not None:
         env.update(SIGNAL_AT_STEP=str(signal_at), SIGNAL_NAME=signal_name)
-    return subprocess.run([sys.executable, "-m", "src.train", *RUN, f"hydra.run.dir={run_dir}", *extra], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return run_cli(*RUN, f"hydra.run.dir={run_dir}", *extra, env=env)
 
 
 def _final_state(run_dir):

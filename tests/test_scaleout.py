@@ -144,7 +144,7 @@ def test_a_requeued_sweep_job_continues_from_its_own_folder(tmp_path, capsys):
 
 
 def test_multinode_runs_need_one_shared_run_folder(capsys, monkeypatch):
-    from src.train import multinode_arguments
+    from src.config.command_line import multinode_arguments
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     argv = ["hardware=ddp_cpu", "trainer.num_nodes=2"]
