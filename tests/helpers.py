@@ -138,5 +138,25 @@ def cli_server() -> subprocess.Popen:
     return server
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def averaged_over_ranks(steps: list) -> list:
+    """[(loss, {name: grad})] of this process -> the same averaged over every process, as DDP's all-reduce gives."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for loss, grads in steps:
+        dist.all_reduce(loss)
+        for g in grads.values():
+            dist.all_reduce(g)
+    return [(loss / world, {k: g / world for k, g in grads.items()}) for loss, grads in steps]
+
+
 def to_plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True)

@@ -5,7 +5,6 @@ files, the head warm-up on such a file, layer-wise lr decay, and each bad settin
 import functools
 import math
 import os
-import socket
 
 import lightning as L
 import pytest
@@ -34,7 +33,7 @@ from src.nn.self_distillation import (
 from src.protocols.features import extract_features
 from src.utils.checkpointing import load_checkpoint
 from src.utils.errors import UserError
-from tests.helpers import tiny_cfg
+from tests.helpers import averaged_over_ranks, free_port, tiny_cfg
 
 
 # ---- losses against naive loops -------------------------------------------------------------------------
@@ -173,11 +172,7 @@ def _worker(rank, world, port, out_dir, cfgs):
         result = {}
         for key, cfg in cfgs.items():
             model = build(cfg)
-            for loss, grads in (done := steps(model, [local(b, rank, world) for b in batches()])):
-                dist.all_reduce(loss)
-                for g in grads.values():
-                    dist.all_reduce(g)
-            result[key] = [(loss / world, {k: g / world for k, g in grads.items()}) for loss, grads in done]
+            result[key] = averaged_over_ranks(steps(model, [local(b, rank, world) for b in batches()]))
             result[key + "_state"] = {k: b.clone() for k, b in model.named_buffers() if "center" in k}
         t = torch.randn(11, 6, generator=torch.Generator().manual_seed(4))
         mine = t[:3] if rank == 0 else t[3:]  # uneven rows, as the masked patches of two processes
@@ -199,10 +194,7 @@ def _worker(rank, world, port, out_dir, cfgs):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(out), configs()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), configs()), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -1,7 +1,6 @@
 """Two CPU processes (gloo) against one process on the same global batch."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from src.nn.losses import sinkhorn
 from src.utils import distributed as du
-from tests.helpers import tiny_cfg
+from tests.helpers import averaged_over_ranks, free_port, tiny_cfg
 
 GLOBAL_BATCH, DIM = 8, 12
 
@@ -111,12 +110,6 @@ def local_slice(batch, rank, world):
 STEPS = [global_batch(1), global_batch(2)]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -128,12 +121,7 @@ def _worker(rank, world, port, out_dir):
         result = {}
         for name, factory in COMPARED.items():
             model = factory()
-            steps = run_steps(model, [local_slice(v, rank, world) for v in STEPS])
-            for loss, grads in steps:
-                dist.all_reduce(loss)
-                for g in grads.values():
-                    dist.all_reduce(g)
-            result[name] = [(loss / world, {k: g / world for k, g in grads.items()}) for loss, grads in steps]
+            result[name] = averaged_over_ranks(run_steps(model, [local_slice(v, rank, world) for v in STEPS]))
             result[name + "_state"] = {k: b.clone() for k, b in model.named_buffers()}
 
         # SwAV's codes: Sinkhorn over the global batch, each rank keeping its own rows
@@ -182,7 +170,7 @@ def _worker(rank, world, port, out_dir):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

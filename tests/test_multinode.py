@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from src.data.sampler import EpochSampler
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 from tests.multinode_worker import FixedViews, datamodule, model
-from tests.test_distributed import _free_port, loss_and_grads
+from tests.test_distributed import loss_and_grads
 
 pytestmark = pytest.mark.slow
 
 
 def two_nodes(args: list[str], extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node),
