@@ -146,6 +146,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_rank_results(worker, out: Path, *args) -> list:
+    """``worker(rank, 2, port, out, *args)`` in two processes over gloo (each saves ``out/rank<r>.pt``): what they saved."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(2, free_port(), str(out), *args), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
 def averaged_over_ranks(steps: list) -> list:
     """[(loss, {name: grad})] of this process -> the same averaged over every process, as DDP's all-reduce gives."""
     import torch.distributed as dist

@@ -10,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
@@ -33,7 +32,7 @@ from src.nn.self_distillation import (
 from src.protocols.features import extract_features
 from src.utils.checkpointing import load_checkpoint
 from src.utils.errors import UserError
-from tests.helpers import averaged_over_ranks, free_port, tiny_cfg
+from tests.helpers import averaged_over_ranks, tiny_cfg, two_rank_results
 
 
 # ---- losses against naive loops -------------------------------------------------------------------------
@@ -193,9 +192,7 @@ def _worker(rank, world, port, out_dir, cfgs):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, free_port(), str(out), configs()), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return two_rank_results(_worker, tmp_path_factory.mktemp("ddp"), configs())
 
 
 @pytest.mark.parametrize("key", METHODS)

@@ -5,13 +5,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hydra.utils import instantiate
 from torch import nn
 
 from src.nn.losses import sinkhorn
 from src.utils import distributed as du
-from tests.helpers import averaged_over_ranks, free_port, tiny_cfg
+from tests.helpers import averaged_over_ranks, tiny_cfg, two_rank_results
 
 GLOBAL_BATCH, DIM = 8, 12
 
@@ -169,9 +168,7 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return two_rank_results(_worker, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("name", COMPARED)
