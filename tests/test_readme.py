@@ -116,6 +116,7 @@ def fill(command: str, places: dict) -> str:
         (r"outputs/<clip run>", p["clip"]), (r"outputs/<run>", p["run"]),
         (r"(?<=src\.eval )CKPT", f"{p['run']}/checkpoints/last.ckpt"), (r"outputs/multirun/<date>", p["runs"]),
         (r"outputs/tokenizer", p["tokenizer"]),
+        (r"method=<m>", "method=simclr"),  # "every method as method=<m>": one of them
         (r"/path/to/photos|/path/to/images|(?<=--images )DIR|(?<=--images )photos/", p["folder"]),
         (r"data\.root=(/path/to/folder|DIR|/path/to/data)", f"data.root={p['folder']}"),
         (r"/path/to/pairs\.csv|/data/pairs\.csv", p["captions"]),
