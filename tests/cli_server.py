@@ -3,8 +3,7 @@ the 2-core machine), then forks one child per request, which runs as `python -m 
 process, working folder, environment, stdout, stderr and exit code), without paying the imports again.
 
 Started by tests.helpers.run_module. Requests are JSON lines on stdin: {"module", "args", "cwd", "env", "stdout",
-"stderr"};
-for each the server answers {"pid": ...} when the child starts and {"rc": ...} when it ends. Nothing has computed
+"stderr"}; for each the server answers {"pid": ...} when the child starts and {"rc": ...} when it ends. Nothing has computed
 with torch before the fork, so no thread pool is copied into a child.
 """
 

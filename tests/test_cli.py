@@ -248,16 +248,10 @@ def _no_credentials_env(tmp_path):
     return {**env, "HOME": str(tmp_path), "WANDB_DIR": str(tmp_path / "wandb_home"), "PYTHONWARNINGS": "ignore"}
 
 
-def _run_env(args, env, cwd):
-    return run_cli(*args, cwd=cwd, env=env)
-
-
 def test_wandb_without_credentials_logs_offline(tmp_path):
-    from tests.helpers import ROOT
-
     run_dir = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "logger=wandb", f"hydra.run.dir={run_dir}"]
-    proc = _run_env(args, _no_credentials_env(tmp_path), ROOT)
+    proc = run_cli(*args, env=_no_credentials_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((run_dir / "wandb").glob("offline-run-*")), list(run_dir.rglob("*"))[:20]
     assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "results.json").is_file()
@@ -265,12 +259,10 @@ def test_wandb_without_credentials_logs_offline(tmp_path):
 
 def test_wandb_failure_never_takes_the_run_down(tmp_path):
     """mode=online without credentials: W&B cannot start online, so the run logs offline instead."""
-    from tests.helpers import ROOT
-
     run_dir = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "logger=wandb", "logger.wandb.mode=online",
             f"hydra.run.dir={run_dir}"]
-    proc = _run_env(args, _no_credentials_env(tmp_path), ROOT)
+    proc = run_cli(*args, env=_no_credentials_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stderr + proc.stdout
     assert output.count("W&B online logging failed") == 1 and "logging offline into" in output, output[-3000:]
@@ -294,15 +286,13 @@ def test_unreachable_wandb_falls_back_to_offline_within_the_timeout(tmp_path):
     import secrets
     import time
 
-    from tests.helpers import ROOT
-
     key = secrets.token_hex(20)  # 40 characters, like a W&B API key
     env = {**_no_credentials_env(tmp_path), "WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     run_dir = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "eval.final.random_baseline=false", "logger=wandb",
             "logger.wandb.mode=online", "logger.wandb.init_timeout=5", f"hydra.run.dir={run_dir}"]
     start = time.monotonic()
-    proc = _run_env(args, env, ROOT)
+    proc = run_cli(*args, env=env)
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stderr + proc.stdout
@@ -318,15 +308,13 @@ def test_secrets_in_the_environment_never_land_in_run_files(tmp_path):
     any file the run writes (.hydra/, csv, wandb's offline files, checkpoints, results) nor in its output."""
     import secrets
 
-    from tests.helpers import ROOT
-
     wandb_key, aws_secret = secrets.token_hex(20), secrets.token_urlsafe(30)
     env = {**_no_credentials_env(tmp_path), "WANDB_API_KEY": wandb_key, "AWS_SECRET_ACCESS_KEY": aws_secret,
            "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper()}
     run_dir = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "eval.final.random_baseline=false", "logger=wandb",
             "logger.wandb.mode=offline", f"hydra.run.dir={run_dir}"]
-    proc = _run_env(args, env, ROOT)
+    proc = run_cli(*args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     assert {".hydra/config.yaml", "results.json", "checkpoints/last.ckpt", "csv/metrics.csv"} <= written, written

@@ -303,8 +303,7 @@ def pretext_accuracy(name: str, steps: int, batch: int, *overrides: str) -> floa
     ``steps`` SGD steps of ``batch`` images out of 512 training images with a small convnet."""
     cfg = compose([f"method={name}", "data=fashion_mnist", "data.max_train_samples=512", f"data.batch_size={batch}",
                    "backbone=convnet", "backbone.width=8", "backbone.depth=3", "backbone.pool_grid=1", "logger=none",
-                   "eval=none",
-                   "method.warmup_epochs=0", "method.lr_scaling=none", *overrides])
+                   "eval=none", "method.warmup_epochs=0", "method.lr_scaling=none", *overrides])
     L.seed_everything(0)
     dm = instantiate(cfg.data)
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))

@@ -19,8 +19,7 @@ from src.nn.metrics import accuracy
 from src.protocols.data import balanced_subset, read_subset, write_subset
 from src.protocols.fewshot import episode, mean_interval
 from src.protocols.finetune import layer_ids, param_groups
-from tests import helpers
-from tests.helpers import run_cli, tiny_cfg
+from tests.helpers import run_cli, run_module, tiny_cfg
 
 
 def test_knn_sweep_matches_one_k_at_a_time_and_a_naive_vote():
@@ -108,10 +107,6 @@ def test_layer_decay_scales_each_vit_block():
 pytest_slow = pytest.mark.slow
 SMALL = ("protocols.fewshot.episodes=2", "protocols.fewshot.shots=[1,5]", "protocols.plot.max_items=150",
          "protocols.finetune.epochs=2", "protocols.linear.sgd_epochs=1")
-
-
-def run_module(module, *args):
-    return helpers.run_module(module, *args)
 
 
 @pytest.fixture(scope="module")

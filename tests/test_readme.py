@@ -16,8 +16,6 @@ tiny trained run, an image folder, a caption file), and:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import shlex
 
@@ -25,8 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from src.config.command_line import _expand, plugin_problems, problems_for
-from tests.helpers import ROOT, run_cli
+from src.config.command_line import command_problems
+from tests.helpers import ROOT, run_cli, run_module
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKS = ("gpu", "cluster", "download", "long", "refused")
@@ -102,7 +100,8 @@ def places(tmp_path_factory):
         proc = run_cli(*tiny, *extra, f"hydra.run.dir={where}")
         assert proc.returncode == 0, proc.stderr[-3000:]
     tokenizer = root / "tokenizer"  # the README's first BEiT step, for two steps: BEiT then reads its checkpoint
-    proc = run_cli("method=vqvae", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "eval=none", "logger=none", f"hydra.run.dir={tokenizer}")
+    proc = run_cli("method=vqvae", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "eval=none", "logger=none",
+                   f"hydra.run.dir={tokenizer}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"run": run, "clip": clip, "runs": run.parent, "folder": folder, "captions": captions, "root": root,
             "tokenizer": tokenizer}
@@ -136,26 +135,8 @@ def arguments(command: str) -> tuple[str, list[str]]:
 
 
 # ---- checked: every command up to its pre-flight ------------------------------------------------------------
-def train_problems(args: list[str]) -> list[str]:
-    """What src.train's pre-flight says of a command line (every combination of a sweep)."""
-    args = [a for a in args if a not in ("-m", "--multirun")]
-    if missing := plugin_problems(args):
-        return missing
-    overrides = [a for a in args if not a.startswith(("hydra.", "hydra/"))]
-    return sorted({p for combo in _expand(overrides) for p in problems_for(combo)})
-
-
-def run_main(module: str, args: list[str]) -> tuple[int, str, str]:
-    """``python -m <module> ARGS`` in this process: (exit code, stdout, stderr)."""
-    import importlib
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = importlib.import_module(module).main(args) or 0
-        except SystemExit as e:
-            code = e.code or 0
-    return code, out.getvalue(), err.getvalue()
+def lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip()]
 
 
 @pytest.mark.parametrize(("where", "command", "marks"), COMMANDS, ids=[w for w, _, _ in COMMANDS])
@@ -172,10 +153,10 @@ def test_the_command_passes_its_preflight(where, command, marks, places):
         else:
             return
     if tool == "src.train":
-        problems = train_problems(args)
+        problems = command_problems(args)
     elif tool == "src.eval":
-        code, _, err = run_main("src.eval", [*args, "--check"])
-        problems = [ln for ln in err.splitlines() if ln.strip()] if code else []
+        proc = run_module("src.eval", *args, "--check")
+        problems = lines(proc.stderr) if proc.returncode else []
     elif tool.startswith("src.bench."):  # benchmarks (hours): the module exists; its pages hold its figures
         import importlib.util
 
@@ -211,5 +192,5 @@ def test_the_command_runs(where, command, marks, places, tmp_path):
         assert proc.returncode == 0, f"{where}: {command}\n{proc.stderr[-3000:]}"
     elif tool in ("src.embed", "src.export", "src.search", "src.report"):
         args = [a.replace(f"{places['root']}/photos.", f"{tmp_path}/photos.") for a in args]
-        code, out, err = run_main(tool, args)
-        assert code == 0, f"{where}: {command}\n{err[-3000:]}"
+        proc = run_module(tool, *args)
+        assert proc.returncode == 0, f"{where}: {command}\n{proc.stderr[-3000:]}"

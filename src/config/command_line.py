@@ -161,29 +161,27 @@ def problems_for(overrides: list[str], launcher: str | None = None) -> list[str]
     return problems
 
 
-def preflight(argv: list[str]) -> None:
-    """Exit with code 2 and one line per problem when the command line cannot run."""
+def command_problems(argv: list[str]) -> list[str]:
+    """One line per reason the ``src.train`` command line cannot run (every job of a sweep checked); none: it can."""
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
-        return  # --help, --cfg, --info ...: Hydra's own business
+        return []  # --help, --cfg, --info ...: Hydra's own business
     if missing := plugin_problems(argv):
-        fail(missing)
+        return missing
     if "hydra/launcher=slurm" in argv and shutil.which("srun") is None:
-        fail(["hydra/launcher=slurm submits SLURM jobs, but this machine has no SLURM (no srun); run the command on "
-              "the cluster's login node, or try the sweep here with hydra/launcher=submitit_local"])
+        return ["hydra/launcher=slurm submits SLURM jobs, but this machine has no SLURM (no srun); run the command on "
+                "the cluster's login node, or try the sweep here with hydra/launcher=submitit_local"]
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))]
     try:
         combos = _expand(overrides)
     except Exception as e:  # noqa: BLE001
-        fail([f"cannot parse the command line: {str(e).strip().splitlines()[0]}"])
-    seen: set[str] = set()
-    problems: list[str] = []
+        return [f"cannot parse the command line: {str(e).strip().splitlines()[0]}"]
     launcher = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra/launcher=")), None)
-    for combo in combos:
-        for p in problems_for(combo, launcher):
-            if p not in seen:
-                seen.add(p)
-                problems.append(p)
-    if problems:
+    return list(dict.fromkeys(p for combo in combos for p in problems_for(combo, launcher)))  # in order, once each
+
+
+def preflight(argv: list[str]) -> None:
+    """Exit with code 2 and one line per problem when the command line cannot run."""
+    if problems := command_problems(argv):
         fail(problems)
 
 
