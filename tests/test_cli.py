@@ -241,6 +241,11 @@ def test_bad_value_inside_a_sweep_is_caught_before_any_job(tmp_path):
     assert not Path(sweep).exists()
 
 
+# The W&B tests look at logging, not learning: 2 training steps and a short final evaluation.
+WANDB_RUN = [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "eval=final_only",
+             "eval.final.random_baseline=false", "eval.final.linear_epochs=2", "logger=wandb"]
+
+
 def _no_credentials_env(tmp_path):
     import os
 
@@ -250,7 +255,7 @@ def _no_credentials_env(tmp_path):
 
 def test_wandb_without_credentials_logs_offline(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "logger=wandb", f"hydra.run.dir={run_dir}"]
+    args = [*WANDB_RUN, f"hydra.run.dir={run_dir}"]
     proc = run_cli(*args, env=_no_credentials_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((run_dir / "wandb").glob("offline-run-*")), list(run_dir.rglob("*"))[:20]
@@ -260,8 +265,7 @@ def test_wandb_without_credentials_logs_offline(tmp_path):
 def test_wandb_failure_never_takes_the_run_down(tmp_path):
     """mode=online without credentials: W&B cannot start online, so the run logs offline instead."""
     run_dir = tmp_path / "run"
-    args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "logger=wandb", "logger.wandb.mode=online",
-            f"hydra.run.dir={run_dir}"]
+    args = [*WANDB_RUN, "logger.wandb.mode=online", f"hydra.run.dir={run_dir}"]
     proc = run_cli(*args, env=_no_credentials_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stderr + proc.stdout
@@ -289,8 +293,7 @@ def test_unreachable_wandb_falls_back_to_offline_within_the_timeout(tmp_path):
     key = secrets.token_hex(20)  # 40 characters, like a W&B API key
     env = {**_no_credentials_env(tmp_path), "WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     run_dir = tmp_path / "run"
-    args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "eval.final.random_baseline=false", "logger=wandb",
-            "logger.wandb.mode=online", "logger.wandb.init_timeout=5", f"hydra.run.dir={run_dir}"]
+    args = [*WANDB_RUN, "logger.wandb.mode=online", "logger.wandb.init_timeout=5", f"hydra.run.dir={run_dir}"]
     start = time.monotonic()
     proc = run_cli(*args, env=env)
     elapsed = time.monotonic() - start
@@ -312,8 +315,7 @@ def test_secrets_in_the_environment_never_land_in_run_files(tmp_path):
     env = {**_no_credentials_env(tmp_path), "WANDB_API_KEY": wandb_key, "AWS_SECRET_ACCESS_KEY": aws_secret,
            "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper()}
     run_dir = tmp_path / "run"
-    args = [*TINY, "trainer.max_epochs=1", "eval=final_only", "eval.final.random_baseline=false", "logger=wandb",
-            "logger.wandb.mode=offline", f"hydra.run.dir={run_dir}"]
+    args = [*WANDB_RUN, "logger.wandb.mode=offline", f"hydra.run.dir={run_dir}"]
     proc = run_cli(*args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}

@@ -1,5 +1,6 @@
 """Published recipes (conf/experiment/*.yaml): each composes with its own data, passes the pre-flight check and
-trains 2 steps on fake data of its dataset's shape; LARS's clipped trust ratio follows its formula."""
+takes one optimizer step on fake data of its dataset's shape (at 224 px a ResNet-50 step costs 5-12 s here; what
+happens over many steps is test_methods' part, on tiny configs); LARS's clipped trust ratio follows its formula."""
 
 import re
 
@@ -26,7 +27,7 @@ def test_every_recipe_states_its_published_figure_and_source():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_recipe_keeps_its_data_passes_preflight_and_trains_two_steps_on_fake_data_of_that_shape(name):
+def test_recipe_keeps_its_data_passes_preflight_and_takes_a_step_on_fake_data_of_that_shape(name):
     own = compose([f"experiment={name}"], return_hydra_config=True)
     assert own.hydra.runtime.choices.data in ("cifar10", "imagenet")  # what users run stays in the yaml
     shaped = [f"experiment={name}", "data=fake", f"data.image_size={own.data.image_size}",
@@ -36,8 +37,8 @@ def test_recipe_keeps_its_data_passes_preflight_and_trains_two_steps_on_fake_dat
     assert config_problems(cfg) == []
     L.seed_everything(0)
     method, dm = build(cfg)
-    trainer = fit(method, dm, steps=2)
-    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    trainer = fit(method, dm, steps=1)
+    assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
 def test_a_command_line_views_choice_still_wins_over_a_recipe():
