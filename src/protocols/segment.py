@@ -15,7 +15,6 @@ not decode, are counted and reported, not scored. A picture shows image, mask an
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +115,8 @@ class Segment(Protocol):
                     top = scores.argmax(dim=1)
                     shown += [(x[i], gt[i], pred[i, top[i]]) for i in range(min(b, self.pictures - len(shown)))]
         if counts[MASK_MISSING] or counts[MASK_UNREADABLE]:
-            print(f"protocol=segment: {counts[MASK_MISSING]} images have no mask and {counts[MASK_UNREADABLE]} a mask "
-                  "that does not decode; they are not scored", file=sys.stderr, flush=True)
+            subject.say(f"protocol=segment: {counts[MASK_MISSING]} images have no mask and {counts[MASK_UNREADABLE]} a "
+                        "mask that does not decode; they are not scored")
         if not best:
             raise UserError(f"protocol=segment: none of the {sum(counts.values())} evaluation images has a readable "
                             "mask; check data.masks (one PNG per image, at its path under data.root)")
