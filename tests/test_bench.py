@@ -1,5 +1,6 @@
 """The quality benchmark's bookkeeping (no training here): method list, commands, the results page."""
 
+import json
 from pathlib import Path
 
 from src.bench import quality as q
@@ -97,3 +98,18 @@ def test_the_defaults_page_shows_each_methods_plain_run_and_its_refusals():
                             "colorization": {"error": "colorization needs RGB data"}}, fits, META)
     assert "| dino | convnet | method.out_dim 4096 instead of 65536 | 700 (over 10 min) |" in page
     assert "yes (+12.50), yes (+3.50) |" in page and "| colorization | — | — | — | — | not run: colorization needs" in page
+
+
+def test_the_defaults_page_can_be_written_from_the_runs_already_made(tmp_path):
+    from src.bench import defaults
+
+    (tmp_path / "simclr").mkdir()
+    (tmp_path / "simclr" / "results.json").write_text(json.dumps({**RESULTS, "backbone": "convnet"}))
+    (tmp_path / "colorization.log").write_text("error: Colorization needs colour (RGB) images\n")
+    (tmp_path / "dino.log").write_text("Epoch 3 ...\n")  # a run under way: neither a result nor a refusal
+    assert defaults.run("simclr", tmp_path, reuse=True, start=False)["knn_top1"] == RESULTS["knn_top1"]
+    assert defaults.run("colorization", tmp_path, reuse=True, start=False) == {
+        "error": "error: Colorization needs colour (RGB) images"}
+    assert defaults.run("dino", tmp_path, reuse=True, start=False) == {}
+    page = defaults.render({"dino": {}}, {}, META)
+    assert "| dino | — | — | — | — | not measured yet |" in page

@@ -8,7 +8,8 @@ The page (default docs/results_defaults.md) has one row per method: what conf/fi
 (``wall_time_s``: training set-up to the end of the final evaluation) and training images/s, kNN and linear top-1
 on the test split beside the random-init backbone, and kNN on held-out training images. A method that cannot run
 here (colour-only pretext tasks on grayscale data) shows its one-line refusal. ``--reuse`` keeps a method's run
-whose folder already holds ``results.json``.
+whose folder already holds ``results.json``; ``--no-run`` writes the page from the runs already there, listing the
+others as not measured (so runs made one at a time, in any order, end in one page).
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ def command(method: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "src.train", f"method={method}", *extra, f"hydra.run.dir={out / method}"]
 
 
-def run(method: str, out: Path, reuse: bool) -> dict:
-    """The method's results (plus ``process_wall_s`` when run here), or ``{"error": line}``."""
+def run(method: str, out: Path, reuse: bool, start: bool = True) -> dict:
+    """The method's results (plus ``process_wall_s`` when run here), ``{"error": line}``, or ``{}`` when it has no
+    results and ``start`` is False."""
     results = out / method / "results.json"
+    if not start and not results.is_file():
+        log = out / f"{method}.log"  # a refusal of an earlier call keeps its line; a run under way is not one
+        refused = log.is_file() and any(ln.startswith("error:") for ln in log.read_text().splitlines())
+        return {"error": last_error_line(log.read_text())} if refused else {}
     if not (reuse and results.is_file()):
         start, log = time.time(), out / f"{method}.log"
         with open(log, "w") as f:
@@ -77,6 +83,9 @@ def render(rows: dict[str, dict], fits: dict[str, list[str]], meta: dict) -> str
     ]
     for method, r in rows.items():
         fit = "; ".join(ln.split(": ", 1)[1].split("; ")[0] for ln in fits.get(method, []) if "CPU-sized" in ln)
+        if not r:
+            lines.append(f"| {method} | — | {_md(fit) or '—'} | — | — | not measured yet | — | — | — | — | — |")
+            continue
         if "error" in r:
             lines.append(f"| {method} | — | {_md(fit) or '—'} | — | — | {_md('not run: ' + r['error'])} | — | — | — | — | — |")
             continue
@@ -99,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("outputs/defaults"))
     p.add_argument("--results", type=Path, default=Path("docs/results_defaults.md"))
     p.add_argument("--reuse", action="store_true", help="keep runs whose folder already holds results.json")
+    p.add_argument("--no-run", action="store_true", help="start no run: the page from the runs already in --out")
     args = p.parse_args(argv)
     methods = args.methods.split(",") if args.methods else [m for m in group_options("method") if m not in ALIASES]
     if "beit" in methods and "vqvae" in methods:  # BEiT reads the tokenizer the vqvae run trains
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, fits = {}, {}
     for m in methods:
         print(f"[defaults] {m} ...", flush=True)
-        rows[m] = run(m, args.out, args.reuse)
+        rows[m] = run(m, args.out, args.reuse or args.no_run, start=not args.no_run)
         fits[m] = fit_lines(command(m, args.out))
         print(f"[defaults] {m}: {rows[m].get('error') or rows[m].get('wall_time_s')}", flush=True)
     meta = {"command": "python -m src.bench.defaults" + (" " + shlex.join(argv) if argv else ""),
