@@ -107,9 +107,9 @@ def test_the_defaults_page_can_be_written_from_the_runs_already_made(tmp_path):
     (tmp_path / "simclr" / "results.json").write_text(json.dumps({**RESULTS, "backbone": "convnet"}))
     (tmp_path / "colorization.log").write_text("error: Colorization needs colour (RGB) images\n")
     (tmp_path / "dino.log").write_text("Epoch 3 ...\n")  # a run under way: neither a result nor a refusal
-    assert defaults.run("simclr", tmp_path, reuse=True, start=False)["knn_top1"] == RESULTS["knn_top1"]
-    assert defaults.run("colorization", tmp_path, reuse=True, start=False) == {
+    assert defaults.run("simclr", tmp_path, reuse=False, make=False)["knn_top1"] == RESULTS["knn_top1"]
+    assert defaults.run("colorization", tmp_path, reuse=False, make=False) == {
         "error": "error: Colorization needs colour (RGB) images"}
-    assert defaults.run("dino", tmp_path, reuse=True, start=False) == {}
+    assert defaults.run("dino", tmp_path, reuse=False, make=False) == {}
     page = defaults.render({"dino": {}}, {}, META)
     assert "| dino | — | — | — | — | not measured yet |" in page

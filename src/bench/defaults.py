@@ -36,16 +36,15 @@ def command(method: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "src.train", f"method={method}", *extra, f"hydra.run.dir={out / method}"]
 
 
-def run(method: str, out: Path, reuse: bool, start: bool = True) -> dict:
-    """The method's results (plus ``process_wall_s`` when run here), ``{"error": line}``, or ``{}`` when it has no
-    results and ``start`` is False."""
-    results = out / method / "results.json"
-    if not start and not results.is_file():
-        log = out / f"{method}.log"  # a refusal of an earlier call keeps its line; a run under way is not one
-        refused = log.is_file() and any(ln.startswith("error:") for ln in log.read_text().splitlines())
-        return {"error": last_error_line(log.read_text())} if refused else {}
-    if not (reuse and results.is_file()):
-        start, log = time.time(), out / f"{method}.log"
+def run(method: str, out: Path, reuse: bool, make: bool = True) -> dict:
+    """The method's results (plus ``process_wall_s`` when run here) or ``{"error": line}``; with ``make`` False, no run
+    starts: the results already there, the refusal an earlier call logged, else ``{}`` (not measured)."""
+    results, log = out / method / "results.json", out / f"{method}.log"
+    if not make and not results.is_file():
+        text = log.read_text() if log.is_file() else ""  # a run under way has a log but no error: line
+        return {"error": last_error_line(text)} if any(ln.startswith("error:") for ln in text.splitlines()) else {}
+    if make and not (reuse and results.is_file()):
+        start = time.time()
         with open(log, "w") as f:
             proc = subprocess.run(command(method, out), stdout=f, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not results.is_file():
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, fits = {}, {}
     for m in methods:
         print(f"[defaults] {m} ...", flush=True)
-        rows[m] = run(m, args.out, args.reuse or args.no_run, start=not args.no_run)
+        rows[m] = run(m, args.out, args.reuse, make=not args.no_run)
         fits[m] = fit_lines(command(m, args.out))
         print(f"[defaults] {m}: {rows[m].get('error') or rows[m].get('wall_time_s')}", flush=True)
     meta = {"command": "python -m src.bench.defaults" + (" " + shlex.join(argv) if argv else ""),
