@@ -93,10 +93,11 @@ def test_the_defaults_page_shows_each_methods_plain_run_and_its_refusals():
 
     assert defaults.command("beit", Path("/o"))[3:] == ["method=beit", "method.tokenizer=/o/vqvae/checkpoints/last.ckpt",
                                                          "hydra.run.dir=/o/beit"]
-    fits = {"dino": ["CPU-sized (conf/fit/method/dino_cpu.yaml): method.out_dim 4096 instead of 65536; hardware=gpu ..."]}
+    fits = {"dino": ["CPU-sized (conf/fit/method/dino_cpu.yaml): method.out_dim 4096 instead of 65536; hardware=gpu ...",
+                     "fitted to data=fashion_mnist (conf/fit/data/x.yaml): backbone.pool_grid 4 instead of 1; <key>=..."]}
     page = defaults.render({"dino": {**RESULTS, "backbone": "convnet", "wall_time_s": 700.0, "val_knn_top1": 79.0},
                             "colorization": {"error": "colorization needs RGB data"}}, fits, META)
-    assert "| dino | convnet | method.out_dim 4096 instead of 65536 | 700 (over 10 min) |" in page
+    assert "| dino | convnet (pool_grid 4) | method.out_dim 4096 instead of 65536 | 700 (over 10 min) |" in page
     assert "yes (+12.50), yes (+3.50) |" in page and "| colorization | — | — | — | — | not run: colorization needs" in page
 
 

@@ -372,7 +372,7 @@ def test_head_warmup_trains_the_heads_on_a_frozen_loaded_backbone(tmp_path):
     torch.save(dinov2_state(grid=5, registers=0), path)
     cfg = tiny_cfg("dinov2", f"backbone.pretrained={path}", "backbone.init_values=1e-5", "method.head_warmup_epochs=1",
                    "trainer.max_epochs=2", "data.max_train_samples=64", "method.optimizer.lr=0.05",
-                   "views.crops.2.num=2")
+                   "views.local_crops=2")
     L.seed_everything(0)
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone), views=instantiate(cfg.views))
     dm = instantiate(cfg.data)

@@ -14,10 +14,11 @@ DATA_FITS = sorted((CONF_DIR / "fit" / "data").glob("*.yaml"))
 def test_a_fit_file_names_a_method_and_keys_it_has(path):
     method, hardware = path.stem.rsplit("_", 1)
     assert method in group_options("method") and hardware in group_options("hardware")
-    own = compose([f"method={method}", "hardware=gpu"]).method  # the method's own config (moco: moco_v2's)
+    own = compose([f"method={method}", "hardware=gpu"])  # the method's own config (moco: moco_v2's)
     fit = OmegaConf.load(path)
-    assert set(fit.keys()) <= {"method", "data"} and fit.get("method", {}) or fit.get("data")
-    assert set(fit.get("method", {}).keys()) <= set(own.keys()), f"{path.name} sets keys {method}.yaml lacks"
+    assert set(fit.keys()) <= {"method", "views", "data", "trainer"} and fit.get("method", {}) or fit.get("data")
+    for top in fit:
+        assert set(fit[top].keys()) <= set(own[top].keys()), f"{path.name} sets {top} keys {method} lacks"
 
 
 def test_the_cpu_gets_the_fit_and_other_hardware_the_papers_sizes():
@@ -49,3 +50,21 @@ def test_the_fashion_mnist_showcase_pools_over_a_grid_and_everything_else_global
     shown = compose([], return_hydra_config=True)
     assert any("fitted to data=fashion_mnist" in ln and "backbone.pool_grid 4 instead of 1" in ln
                for ln in fitted(shown, shown.hydra.runtime.choices))
+
+
+def test_a_fit_beyond_the_method_changes_views_and_epochs_and_says_so():
+    cpu = compose(["method=dinov2"], return_hydra_config=True)
+    assert (cpu.views.local_crops, cpu.trainer.max_epochs, cpu.method.out_dim) == (2, 3, 1024)
+    [line] = fitted(cpu, cpu.hydra.runtime.choices)
+    assert "views.local_crops 2 instead of 8" in line and "trainer.max_epochs 3 instead of 7" in line
+    mine = compose(["method=dinov2", "trainer.max_epochs=5"], return_hydra_config=True)
+    assert mine.trainer.max_epochs == 5 and "max_epochs" not in " ".join(fitted(mine, mine.hydra.runtime.choices))
+    gpu = compose(["method=ibot", "hardware=gpu"])
+    assert (gpu.views.local_crops, gpu.trainer.max_epochs, gpu.method.out_dim) == (10, 7, 8192)
+
+
+def test_rotation_keeps_the_global_pool_where_the_data_fit_would_give_it_a_grid():
+    rotation = compose(["method=rotation"], return_hydra_config=True)
+    assert rotation.backbone.pool_grid == 1 and not fitted(rotation, rotation.hydra.runtime.choices)
+    assert compose(["method=rotation", "backbone.pool_grid=4"]).backbone.pool_grid == 4
+    assert compose(["method=jigsaw"]).backbone.pool_grid == 4  # the other methods keep the fit

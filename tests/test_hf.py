@@ -186,7 +186,7 @@ def test_continued_pretraining_and_the_run_checkpoint(tmp_path):
     folder = saved(randomised(model), tmp_path)
     common = ["backbone=hf", f"backbone.name={folder}", "data=fake", "data.image_size=32", "data.crop_size=32",
               "data.batch_size=8", "logger=none", "eval=none"]
-    for method, extra in (("dino", ["views.crops.2.size=16", "views.crops.2.num=2", "method.out_dim=64",
+    for method, extra in (("dino", ["views.crops.2.size=16", "views.local_crops=2", "method.out_dim=64",
                                     "method.hidden_dim=32", "method.bottleneck_dim=16"]),
                           ("mae", ["method.decoder_dim=16", "method.decoder_depth=1", "method.decoder_heads=2"])):
         cfg = compose([f"method={method}", *common, *extra])

@@ -352,3 +352,26 @@ def test_grayscale_before_jitter_as_moco_v1():
     assert not torch.allclose(after, plain, atol=1e-3)
     with pytest.raises(ValueError, match="gray_before_jitter"):
         Views([dict(size=16, gray_before_jitter=0.5)], MEAN3, STD3)
+
+
+def test_local_crops_sets_the_count_of_the_smaller_group_and_refuses_what_it_cannot_mean():
+    from src.config.compose import compose
+    from src.config.rules import config_problems, view_counts
+
+    crops = [{"num": 2, "size": 16}, {"size": 8, "scale": [0.05, 0.4]}]
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    views = Views(crops, mean=[0.5], std=[0.25], local_crops=3)(images)
+    assert [v.shape[-1] for v in views] == [16, 16, 8, 8, 8]
+    assert len(Views(crops, mean=[0.5], std=[0.25], local_crops=0)(images)) == 2
+    assert len(Views(crops, mean=[0.5], std=[0.25])(images)) == 3  # null: the group's own num (1)
+    with pytest.raises(ValueError, match=r"views.local_crops=2: these views have no local crops"):
+        Views([{"num": 2, "size": 16}], mean=[0.5], std=[0.25], local_crops=2)
+    with pytest.raises(ValueError, match=r"views.crops.1.num=4 and views.local_crops=3: .* set views.local_crops=4"):
+        Views([crops[0], {**crops[1], "num": 4}], mean=[0.5], std=[0.25], local_crops=3)
+    with pytest.raises(ValueError, match=r"views.local_crops=-1: must be an integer >= 0"):
+        Views(crops, mean=[0.5], std=[0.25], local_crops=-1)
+    cfg = compose(["method=dino", "views.local_crops=3"])
+    assert view_counts(cfg) == [1, 1, 3] and config_problems(cfg) == []
+    assert config_problems(compose(["method=simclr", "+views.local_crops=2"])) == [
+        "views.local_crops=2: these views have no local crops (no crop group smaller than the first); "
+        "set views.local_crops=null"]

@@ -61,8 +61,9 @@ def render(rows: dict[str, dict], fits: dict[str, list[str]], meta: dict) -> str
         "# Every method's default CPU run",
         "",
         "Each method as a newcomer runs it, `python -m src.train method=<m>` and nothing else, on the default 2-core "
-        "CPU: Fashion-MNIST, 7 epochs over a fixed 10,240-image subset (seed 0), the convnet (4x4 pooling grid on this "
-        "dataset) or, for the ViT-only methods, `vit_cpu`, the default evaluation (online probe, kNN monitor, health, "
+        "CPU: Fashion-MNIST, 7 epochs (fewer where the column CPU-sized says so) over a fixed 10,240-image subset "
+        "(seed 0), the convnet (with the 4x4 pooling grid fitted to this dataset where the backbone column says "
+        "pool_grid 4) or, for the ViT-only methods, `vit_cpu`, the default evaluation (online probe, kNN monitor, health, "
         "final kNN k=200 and L-BFGS linear probe on 10,000 train images, measured on the 10,000 test images, beside a "
         "randomly initialised backbone of the same architecture). Methods whose paper sizes do not fit the machine get "
         "`conf/fit/method/<m>_cpu.yaml` (column \"CPU-sized\"). wall: the run's `wall_time_s` (training set-up to the "
@@ -82,6 +83,8 @@ def render(rows: dict[str, dict], fits: dict[str, list[str]], meta: dict) -> str
     ]
     for method, r in rows.items():
         fit = "; ".join(ln.split(": ", 1)[1].split("; ")[0] for ln in fits.get(method, []) if "CPU-sized" in ln)
+        data_fit = ", ".join(change.removeprefix("backbone.").split(" instead of ")[0] for ln in fits.get(method, [])
+                             if ln.startswith("fitted to data") for change in ln.split(": ", 1)[1].split("; ")[0].split(", "))
         if not r:
             lines.append(f"| {method} | — | {_md(fit) or '—'} | — | — | not measured yet | — | — | — | — | — |")
             continue
@@ -91,7 +94,8 @@ def render(rows: dict[str, dict], fits: dict[str, list[str]], meta: dict) -> str
         knn, lin = r["knn_top1"] - r["random_knn_top1"], r["linear_top1"] - r["random_linear_top1"]
         verdict = f"{'yes' if knn > 0 else 'no'} ({knn:+.2f}), {'yes' if lin > 0 else 'no'} ({lin:+.2f})"
         over = " (over 10 min)" if r.get("wall_time_s", 0) > TEN_MINUTES else ""
-        lines.append(f"| {method} | {r.get('backbone')} | {_md(fit) or '—'} | {_num(r.get('wall_time_s'), '.0f')}{over} "
+        backbone = f"{r.get('backbone')} ({data_fit})" if data_fit else r.get("backbone")
+        lines.append(f"| {method} | {backbone} | {_md(fit) or '—'} | {_num(r.get('wall_time_s'), '.0f')}{over} "
                      f"| {_num(r.get('train_images_per_s'), '.0f')} | {_num(r['knn_top1'])} | {_num(r['random_knn_top1'])} "
                      f"| {_num(r['linear_top1'])} | {_num(r['random_linear_top1'])} | {_num(r.get('val_knn_top1'))} "
                      f"| {verdict} |")

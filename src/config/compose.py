@@ -108,21 +108,23 @@ def fitted(cfg, choices) -> list[str]:
         if not name or not path.is_file():
             continue
         fit = OmegaConf.load(path)
-        changed = [f"{top}.{key} {value} instead of {_own_values(top, choices[top]).get(key)}"
-                   for top in ("method", "data", "backbone") for key, value in (fit.get(top) or {}).items()
-                   if OmegaConf.select(cfg, f"{top}.{key}") == value]
+        changed = [f"{top}.{key} {value} instead of {_own_values(top, choices.get(top)).get(key)}"
+                   for top in ("method", "views", "data", "backbone", "trainer")
+                   for key, value in (fit.get(top) or {}).items() if OmegaConf.select(cfg, f"{top}.{key}") == value]
         if changed:
             label = f"{str(choices.hardware).upper()}-sized" if kind == "method" else f"fitted to data={choices.data}"
-            keep = ("hardware=gpu, a recipe (experiment=...) or method.<key>=... keeps the paper's" if kind == "method"
+            keep = ("hardware=gpu, a recipe (experiment=...) or <key>=... on the command line keeps the paper's" if kind == "method"
                     else "<key>=... on the command line wins")
             lines.append(f"{label} ({path.relative_to(CONF_DIR.parent)}): {', '.join(changed)}; {keep}")
     return lines
 
 
-def _own_values(group: str, name: str) -> dict:
+def _own_values(group: str, name: str | None) -> dict:
     """The values of conf/<group>/<name>.yaml itself, with those of the options of the same group its defaults list
-    names (``method=moco`` is moco_v2's) underneath; read from the files (composing here would reset a running
-    Hydra app)."""
+    names (``method=moco`` is moco_v2's) underneath; for a key of conf/train.yaml that is no group (``trainer``),
+    its values there. Read from the files (composing here would reset a running Hydra app)."""
+    if name is None:
+        return dict(OmegaConf.load(CONF_DIR / "train.yaml").get(group) or {})
     node = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
     values: dict = {}
     for entry in node.get("defaults") or []:

@@ -79,8 +79,25 @@ def positive_problems(cfg: DictConfig, skip: set[str]) -> list[str]:
     return problems
 
 
+def view_counts(cfg: DictConfig) -> list[int]:
+    """Views per crop group as the views will make them (``views.local_crops`` applied to the local group)."""
+    from src.data.views import local_group
+
+    crops = cfg.views.get("crops", [])
+    nums = [g.get("num", 1) for g in crops]
+    local = cfg.views.get("local_crops")
+    if isinstance(local, int) and not isinstance(local, bool) and local >= 0:
+        try:
+            i = local_group([g.get("size") for g in crops])
+        except ValueError:  # several local groups: reported by view_problems
+            i = None
+        if i is not None:
+            nums[i] = local
+    return nums
+
+
 def view_problems(cfg: DictConfig, crop_size_reported: bool, reported: set[str]) -> list[str]:
-    from src.data.views import parse_crop_group
+    from src.data.views import parse_crop_group, with_local_crops
 
     problems = []
     data, crops = cfg.data, cfg.views.get("crops", [])
@@ -98,6 +115,11 @@ def view_problems(cfg: DictConfig, crop_size_reported: bool, reported: set[str])
         try:
             parse_crop_group(i, OmegaConf.to_container(group, resolve=True))
         except ValueError as e:  # ranges: probabilities in [0, 1], num >= 1, ordered [min, max] pairs ...
+            problems.append(str(e))
+    if cfg.views.get("local_crops") is not None and not problems:
+        try:
+            with_local_crops([{"size": g.get("size")} for g in crops], cfg.views.local_crops)
+        except ValueError as e:  # not an integer >= 0, or views without (or with several) local groups
             problems.append(str(e))
     return problems
 
@@ -253,7 +275,7 @@ def config_problems(cfg: DictConfig, local_devices: bool = True) -> list[str]:
         return problems + [f"method._target_={cfg.method._target_} cannot be imported; check the method yaml"]
     if hasattr(method_cls, "config_problems"):
         global_batch = cfg.data.batch_size * world_size(cfg)
-        num_views = sum(g.get("num", 1) for g in cfg.views.get("crops", []))
+        num_views = sum(view_counts(cfg))
         problems += method_problems(method_cls, cfg, global_batch, num_views)
         problems += method_cls.config_problems(cfg, global_batch=global_batch, num_views=num_views)
     return problems

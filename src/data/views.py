@@ -269,6 +269,34 @@ def parse_crop_group(i: int, group) -> dict:
     return g
 
 
+def local_group(sizes: list) -> int | None:
+    """The index of the local crop group of a multi-crop recipe given its groups' sizes: the one group smaller than
+    the first; None when there is no such group. ValueError when there are several."""
+    local = [i for i, size in enumerate(sizes) if isinstance(size, int) and isinstance(sizes[0], int) and size < sizes[0]]
+    if len(local) > 1:
+        raise ValueError(f"views.local_crops: views.crops {local} are all smaller than the first group; "
+                         "set each group's num instead of views.local_crops")
+    return local[0] if local else None
+
+
+def with_local_crops(groups: list[dict], local_crops: int | None) -> list[dict]:
+    """``groups`` (parsed) with the local group's ``num`` set to ``local_crops`` (dropped at 0); as given at None."""
+    if local_crops is None:
+        return groups
+    if not isinstance(local_crops, int) or isinstance(local_crops, bool) or local_crops < 0:
+        raise ValueError(f"views.local_crops={local_crops!r}: must be an integer >= 0 (or null: each group's own num)")
+    i = local_group([g["size"] for g in groups])
+    if i is None:
+        raise ValueError(f"views.local_crops={local_crops}: these views have no local crops (no crop group smaller "
+                         "than the first); set views.local_crops=null")
+    if groups[i].get("num", 1) != 1:  # a num set on the group itself: which one is meant is not ours to guess
+        raise ValueError(f"views.crops.{i}.num={groups[i]['num']} and views.local_crops={local_crops}: the local "
+                         f"crops' count is views.local_crops; set views.local_crops={groups[i]['num']} instead")
+    groups = [dict(g) for g in groups]
+    groups[i]["num"] = local_crops
+    return [g for g in groups if g.get("num", 1) > 0]
+
+
 class Views(torch.nn.Module):
     """Random SSL views of a uint8 batch, with independent random parameters per sample.
 
@@ -282,13 +310,18 @@ class Views(torch.nn.Module):
 
     Grayscale images (C == 1): brightness and contrast apply; saturation, hue and random grayscale are
     skipped. Outputs are float32; computation runs on the images' device under ``torch.no_grad()``.
+
+    ``local_crops``: how many local crops a multi-crop recipe makes (DINO's ``--local_crops_number``): the ``num``
+    of its one crop group smaller than the first group, which sets none itself (0 drops the group); None keeps
+    every group's own ``num``.
     """
 
-    def __init__(self, crops: list[dict], mean: list[float], std: list[float], eval_size: int | None = None):
+    def __init__(self, crops: list[dict], mean: list[float], std: list[float], eval_size: int | None = None,
+                 local_crops: int | None = None):
         super().__init__()
         if len(crops) == 0:
             raise ValueError("views.crops=[]: must hold at least one crop group")
-        self.groups = [parse_crop_group(i, g) for i, g in enumerate(crops)]
+        self.groups = with_local_crops([parse_crop_group(i, g) for i, g in enumerate(crops)], local_crops)
         mean, std = [float(m) for m in mean], [float(s) for s in std]
         if len(mean) != len(std) or len(mean) not in (1, 3):
             raise ValueError(f"views.mean={mean}, views.std={std}: must have the same length, 1 or 3")
