@@ -38,9 +38,10 @@ quality: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m src.bench.speed --out docs/benchmarks.md $(ARGS)
 
-# One test process per core (pytest-xdist), a test file's tests in one process (they share its fixtures).
+# One test process per core (pytest-xdist), a test file's tests in one process (they share its fixtures), the
+# slowest files first (tests/conftest.py)
 TEST_WORKERS ?= auto
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PYTEST) $(PYTEST_ARGS)
 
