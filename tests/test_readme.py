@@ -176,6 +176,8 @@ def test_the_command_passes_its_preflight(where, command, marks, places):
 # ---- run: what can run here, for a step or two -------------------------------------------------------------
 SMOKE = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "eval=none", "logger=none"]
 SMALL_PROTOCOLS = ["protocols.fewshot.episodes=2", "protocols.fewshot.shots=[1,5]", "protocols.plot.max_items=150"]
+
+
 def no_baseline(args: list[str]) -> list[str]:  # the random-init twin doubles a run's evaluation
     return [] if any(a.startswith("eval.final.random_baseline") for a in args) else ["eval.final.random_baseline=false"]
 

@@ -375,3 +375,6 @@ def test_local_crops_sets_the_count_of_the_smaller_group_and_refuses_what_it_can
     assert config_problems(compose(["method=simclr", "+views.local_crops=2"])) == [
         "views.local_crops=2: these views have no local crops (no crop group smaller than the first); "
         "set views.local_crops=null"]
+    assert config_problems(compose(["method=dino", "views.crops.2.num=4"])) == [
+        "views.crops.2.num=4 and views.local_crops=8: the local crops' count is views.local_crops; set "
+        "views.local_crops=4 instead"]

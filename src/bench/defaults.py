@@ -56,6 +56,11 @@ def run(method: str, out: Path, reuse: bool, make: bool = True) -> dict:
     return {**json.loads(results.read_text()), **(json.loads(extra.read_text()) if extra.is_file() else {})}
 
 
+def _changes(lines: list[str], label: str) -> list[str]:
+    """The changes (``key value instead of own``, comma-separated) of the fit lines that start with ``label``."""
+    return [ln.split(": ", 1)[1].split("; ")[0] for ln in lines if ln.startswith(label)]
+
+
 def render(rows: dict[str, dict], fits: dict[str, list[str]], meta: dict) -> str:
     lines = [
         "# Every method's default CPU run",
@@ -82,9 +87,9 @@ def render(rows: dict[str, dict], fits: dict[str, list[str]], meta: dict) -> str
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for method, r in rows.items():
-        fit = "; ".join(ln.split(": ", 1)[1].split("; ")[0] for ln in fits.get(method, []) if "CPU-sized" in ln)
-        data_fit = ", ".join(change.removeprefix("backbone.").split(" instead of ")[0] for ln in fits.get(method, [])
-                             if ln.startswith("fitted to data") for change in ln.split(": ", 1)[1].split("; ")[0].split(", "))
+        fit = "; ".join(_changes(fits.get(method, []), "CPU-sized"))
+        data_fit = ", ".join(change.removeprefix("backbone.").split(" instead of ")[0]
+                             for part in _changes(fits.get(method, []), "fitted to data") for change in part.split(", "))
         if not r:
             lines.append(f"| {method} | — | {_md(fit) or '—'} | — | — | not measured yet | — | — | — | — | — |")
             continue

@@ -81,19 +81,14 @@ def positive_problems(cfg: DictConfig, skip: set[str]) -> list[str]:
 
 def view_counts(cfg: DictConfig) -> list[int]:
     """Views per crop group as the views will make them (``views.local_crops`` applied to the local group)."""
-    from src.data.views import local_group
+    from src.data.views import with_local_crops
 
-    crops = cfg.views.get("crops", [])
-    nums = [g.get("num", 1) for g in crops]
-    local = cfg.views.get("local_crops")
-    if isinstance(local, int) and not isinstance(local, bool) and local >= 0:
-        try:
-            i = local_group([g.get("size") for g in crops])
-        except ValueError:  # several local groups: reported by view_problems
-            i = None
-        if i is not None:
-            nums[i] = local
-    return nums
+    groups = [{"size": g.get("size"), "num": g.get("num", 1)} for g in cfg.views.get("crops", [])]
+    try:
+        groups = with_local_crops(groups, cfg.views.get("local_crops"))
+    except ValueError:  # reported by view_problems
+        pass
+    return [g["num"] for g in groups]
 
 
 def view_problems(cfg: DictConfig, crop_size_reported: bool, reported: set[str]) -> list[str]:
@@ -118,7 +113,7 @@ def view_problems(cfg: DictConfig, crop_size_reported: bool, reported: set[str])
             problems.append(str(e))
     if cfg.views.get("local_crops") is not None and not problems:
         try:
-            with_local_crops([{"size": g.get("size")} for g in crops], cfg.views.local_crops)
+            with_local_crops([{"size": g.get("size"), "num": g.get("num", 1)} for g in crops], cfg.views.local_crops)
         except ValueError as e:  # not an integer >= 0, or views without (or with several) local groups
             problems.append(str(e))
     return problems
