@@ -173,8 +173,9 @@ def pooled(model: Model, pool: str | None) -> None:
     if pool is None:
         return
     from src.backbones.vit import has_token_api
+    from src.protocols.features import evaluated_backbone
 
-    backbone = getattr(model.net, "backbone", model.net)
+    backbone = evaluated_backbone(model.net)
     if not has_token_api(backbone) or not hasattr(backbone, "pool"):
         raise UserError(f"--pool {pool} picks a ViT's CLS or mean patch token, but a {type(backbone).__name__} "
                         "backbone gives pooled features only; leave --pool out")

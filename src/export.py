@@ -132,7 +132,7 @@ def export(ckpt: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict]:
         raise UserError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     state, method = load_run_model(ckpt, "export needs a checkpoint of this framework that carries its config")
     config = state["config"]
-    backbone, backbone_cfg, data = method.backbone, config["backbone"], config["data"]
+    backbone, backbone_cfg, data = method.evaluated_backbone, config["backbone"], config["data"]
     kind = backbone_cfg["_target_"].rsplit(".", 1)[-1]
     fits = [f for f in FORMATS if kind in LIBRARY_BACKBONES.get(f, {kind})]
     if fmt not in fits:
@@ -150,12 +150,12 @@ def export(ckpt: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict]:
         write_json_atomic(out.with_name(out.name + ".json"), info)
         return out, info
     if fmt == "state_dict":
-        weights = _prefixed(method.state_dict(), "backbone.")
+        weights = _prefixed(backbone.state_dict(), "")
         target = type(backbone)(**{k: v for k, v in backbone_cfg.items() if k not in ("_target_", "pretrained")})
         info["load"] = ("b = hydra.utils.instantiate(info['backbone']); b.load_state_dict(weights, strict=True)"
                         "  # needs this framework (src/backbones)")
     else:
-        weights = _prefixed(method.state_dict(), "backbone.net.")
+        weights = _prefixed(backbone.state_dict(), "net.")
         if fmt == "torchvision":
             target, info["load"] = torchvision_target(backbone_cfg, channels)
         else:

@@ -61,6 +61,31 @@ def test_teachers_run_without_stochastic_depth(name):
 
 
 # ---- MoCo v3 (facebookresearch/moco-v3: moco/builder.py, vits.py, main_moco.py) ------------------------------------
+# the references that evaluate (and release) the momentum teacher: DINO's, iBOT's and DINOv2's eval scripts read
+# --checkpoint_key teacher; MoCo's and BYOL's evaluate the online encoder
+TEACHER_EVALUATED = {"dino", "ibot", "dinov2"}
+
+
+@pytest.mark.parametrize("name", MOMENTUM_METHODS)
+def test_evaluation_reads_the_backbone_the_reference_evaluates(name):
+    from src.protocols.segment import attention_source
+
+    L.seed_everything(0)
+    method = build(tiny_cfg(name, vit=True)).eval()
+    with torch.no_grad():  # student and teacher apart, as after training
+        for p in method.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    teacher = next(t for o, t in method.momentum_pairs() if o is method.backbone)
+    want = teacher if name in TEACHER_EVALUATED else method.backbone
+    x = torch.randn(4, 3, 16, 16)
+    assert method.evaluated_backbone is want and method.feature_network is want
+    assert attention_source(method) is want
+    with torch.no_grad():
+        torch.testing.assert_close(method(x), want(x), rtol=0, atol=0)  # what every protocol measures
+        torch.testing.assert_close(method.online(x), method.backbone(x), rtol=0, atol=0)  # what training uses
+        assert not torch.allclose(method(x), method.online(x)) or want is method.backbone
+
+
 def test_moco_v3_heads_follow_the_reference_builder():
     """_build_mlp: no linear has a bias; the projector ends in BatchNorm1d(affine=False) (3 layers on a ViT, 2 on a
     ResNet); the predictor ends in BatchNorm1d(affine=False) on a ViT only (MoCo_ViT passes last_bn=True)."""

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
 
-from src.protocols.features import eval_mode
+from src.protocols.features import eval_mode, evaluated_backbone
 
 
 def held_out_images(trainer: L.Trainer, num: int) -> torch.Tensor:
@@ -112,12 +112,12 @@ class AttentionMaps(_Pictures):
 
     def applies(self, pl_module):
         """A ViT that reads the views as they are (not colorization's L channel, say)."""
-        backbone = pl_module.backbone
+        backbone = evaluated_backbone(pl_module)
         return callable(getattr(backbone, "last_attention", None)) and \
             getattr(backbone, "in_channels", None) == pl_module.views.mean.numel()
 
     def draw(self, pl_module, x):
-        maps = pl_module.backbone.last_attention(x).float()  # N x heads x h x w
+        maps = evaluated_backbone(pl_module).last_attention(x).float()  # N x heads x h x w
         self.maps = maps.cpu()
         N, heads = maps.shape[:2]
         up = F.interpolate(maps.reshape(N * heads, 1, *maps.shape[-2:]), size=x.shape[-2:], mode="nearest")

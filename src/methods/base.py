@@ -4,7 +4,8 @@ A subclass writes ``training_loss(views) -> loss`` or ``(loss, {name: value})`` 
 ``momentum_pairs() -> [(online, target), ...]``. The base makes views on the device, logs, builds the optimizer
 (:mod:`src.nn.optim`), updates EMA targets once per optimizer step and stops or skips on a non-finite loss
 (:mod:`src.nn.nonfinite`). Callbacks only read it: ``first_view_features`` (online probe), ``batch_arrived``
-(throughput), ``scaled_lr``, ``skipped_steps``, ``run_config``, ``feature_dim``, ``feature_network`` (evaluation).
+(throughput), ``scaled_lr``, ``skipped_steps``, ``run_config``, ``evaluated_backbone``, ``feature_dim``, ``feature_network``
+(evaluation).
 """
 
 from __future__ import annotations
@@ -59,19 +60,32 @@ class SSLMethod(L.LightningModule):
 
     # ---- features (what evaluation reads) ---------------------------------------------------------
     @property
+    def evaluated_backbone(self) -> nn.Module:
+        """The backbone evaluation measures, export writes and fine-tuning starts from: the online one, unless the
+        reference evaluates a momentum teacher (DINO, iBOT, DINOv2: their ``--checkpoint_key teacher``)."""
+        return self.backbone
+
+    @property
     def feature_dim(self) -> int:
         """Width of :meth:`forward`'s features, the representation evaluation measures."""
-        return self.backbone.out_dim
+        return self.evaluated_backbone.out_dim
 
     @property
     def feature_network(self) -> nn.Module:
-        """What fine-tuning trains: the backbone, unless :meth:`forward` adds a step (colorization reads lightness)."""
-        return self.backbone if type(self).forward is SSLMethod.forward else self
+        """What fine-tuning trains: the evaluated backbone, unless :meth:`forward` adds a step (colorization reads
+        lightness)."""
+        return self.evaluated_backbone if type(self).forward is SSLMethod.forward else self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
+        """The features evaluation measures (:attr:`evaluated_backbone`); a training step uses :meth:`online`."""
+        return self.evaluated_backbone(self._laid_out(x))
+
+    def online(self, x: torch.Tensor) -> torch.Tensor:
+        """The online backbone's features (what a training step backpropagates through)."""
+        return self.backbone(self._laid_out(x))
+
+    def _laid_out(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     # The online probe's cheap input (eval.online_probe.features=train_view): the detached backbone features of the
     # first view of this training batch (N x D), set by embed's online pass; None where the step made none.
@@ -82,7 +96,7 @@ class SSLMethod(L.LightningModule):
         """Per-view outputs of ``head(backbone(view))`` (:func:`src.nn.multicrop.embed_views`: one backbone pass per
         size, or per view with ``per_view``); the online backbone's (``backbone=None``) features of the first view are
         kept, detached, in :attr:`first_view_features`."""
-        out, first = embed_views(views, self.forward if backbone is None else backbone, head, per_view)
+        out, first = embed_views(views, self.online if backbone is None else backbone, head, per_view)
         if backbone is None:
             self.first_view_features = first.detach()
         return out

@@ -36,6 +36,12 @@ class DINO(SSLMethod):
     def momentum_pairs(self):
         return [(self.backbone, self.backbone_t), (self.head, self.head_t)]
 
+    @property
+    def evaluated_backbone(self):
+        """The teacher's: DINO's (and iBOT's, DINOv2's) evaluation, attention maps and released weights are the
+        teacher's (``eval_knn.py``/``eval_linear.py``/``visualize_attention.py --checkpoint_key teacher``)."""
+        return self.backbone_t
+
     def frozen_parameters(self):
         return list(self.head.last_layer.parameters()) if self.current_epoch < self.hparams.freeze_last_layer_epochs else []
 

@@ -60,7 +60,7 @@ class Jigsaw(PretextTask):
         tiles = normalize_patches(tiles)
         label = torch.randint(len(self.permutations), (B,), device=x.device)  # which permutation
         tiles = permute(tiles, self.permutations[label])  # B x 9 x C x p x p, shuffled
-        features = self.forward(tiles.flatten(0, 1)).view(B, -1)  # B x 9D, in the shuffled order
+        features = self.online(tiles.flatten(0, 1)).view(B, -1)  # B x 9D, in the shuffled order
         logits = self.head(features)  # B x P
         return F.cross_entropy(logits, label), {"pretext_acc": correct_fraction(logits.detach(), label)}
 

@@ -75,7 +75,7 @@ class RelativePatch(PretextTask):
         pair = normalize_patches(pair)  # B x 2 x C x p x p
         if self.color_drop:
             pair = drop_colour(pair)
-        features = self.forward(pair.flatten(0, 1)).view(B, -1)  # B x 2D: centre, neighbour
+        features = self.online(pair.flatten(0, 1)).view(B, -1)  # B x 2D: centre, neighbour
         logits = self.head(features)  # B x 8
         return F.cross_entropy(logits, label), {"pretext_acc": correct_fraction(logits.detach(), label)}
 

@@ -33,5 +33,5 @@ class Rotation(PretextTask):
             x = rotate(x, labels)  # B x C x S x S
         else:
             x, labels = all_rotations(x)  # 4B x C x S x S, 4B
-        logits = self.head(self.forward(x))  # 4B x 4
+        logits = self.head(self.online(x))  # 4B x 4
         return F.cross_entropy(logits, labels), {"pretext_acc": correct_fraction(logits.detach(), labels)}

@@ -32,6 +32,15 @@ def eval_mode(module: Any) -> Iterator[None]:
             m.training = training
 
 
+def evaluated_backbone(model: Any) -> Any:
+    """The backbone whose features are measured: a method's ``evaluated_backbone`` (DINO's family: the teacher's),
+    else its ``backbone``, else ``model`` itself (a bare backbone)."""
+    for name in ("evaluated_backbone", "backbone"):
+        if (backbone := getattr(model, name, None)) is not None:
+            return backbone
+    return model
+
+
 def evenly_subsampled(loader: Iterable, max_items: int | None) -> Iterable:
     """A loader over ``max_items`` evenly spaced samples of ``loader``'s dataset (same batch size and workers).
 

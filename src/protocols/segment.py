@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from src.data.datasets import IGNORE, MASK_FOUND, MASK_MISSING, MASK_UNREADABLE
 from src.protocols import Protocol, Subject, percent
-from src.protocols.features import eval_mode, evenly_subsampled
+from src.protocols.features import eval_mode, evaluated_backbone, evenly_subsampled
 from src.utils.errors import UserError
 
 
@@ -62,11 +62,12 @@ def eval_geometry(masks: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 def attention_source(model):
-    """The ViT whose attention is read: the model itself or its ``backbone`` (a method), if it has ``last_attention``."""
-    for candidate in (model, getattr(model, "backbone", None)):
+    """The ViT whose attention is read: the model itself or the backbone a method's evaluation reads (DINO's family:
+    the teacher's), if it has ``last_attention``."""
+    for candidate in (model, evaluated_backbone(model)):
         if callable(getattr(candidate, "last_attention", None)):
             return candidate
-    name = type(getattr(model, "backbone", model)).__name__
+    name = type(evaluated_backbone(model)).__name__
     raise UserError(f"protocol=segment reads a ViT's CLS attention, but {name} has none; evaluate a ViT checkpoint or "
                     "backbone (backbone=vit_cpu, vit_small, ...)")
 
