@@ -420,6 +420,7 @@ def test_head_warmup_trains_the_heads_on_a_frozen_loaded_backbone(tmp_path):
     (["method=ibot", "backbone=vit_cpu", "method.mask_ratio=[0.6,0.2]"], "method.mask_ratio=[0.6, 0.2] must be"),
     (["method=dinov2", "backbone=vit_cpu", "method.centering=mean"], "method.centering='mean'; allowed: centering"),
     (["method=ibot", "backbone=vit_cpu", "method.head_warmup_epochs=-1"], "method.head_warmup_epochs=-1 must be >= 0"),
+    (["method=dinov2", "backbone=vit_cpu", "method.evaluate=both"], "method.evaluate='both'; allowed: teacher, student"),
     (["method=dinov2", "backbone=vit_cpu", "backbone.reg_tokens=-2"], "backbone.reg_tokens=-2 must be a whole number"),
 ])
 def test_bad_settings_are_one_line(overrides, line):

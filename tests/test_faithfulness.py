@@ -84,6 +84,9 @@ def test_evaluation_reads_the_backbone_the_reference_evaluates(name):
         torch.testing.assert_close(method(x), want(x), rtol=0, atol=0)  # what every protocol measures
         torch.testing.assert_close(method.online(x), method.backbone(x), rtol=0, atol=0)  # what training uses
         assert not torch.allclose(method(x), method.online(x)) or want is method.backbone
+    if name in TEACHER_EVALUATED:  # method.evaluate=student: the online backbone instead
+        method.hparams.evaluate = "student"
+        assert method.evaluated_backbone is method.backbone and attention_source(method) is method.backbone
 
 
 def test_moco_v3_heads_follow_the_reference_builder():

@@ -18,6 +18,13 @@ from src.nn.heads import DINOHead
 from src.nn.losses import dino_loss
 from src.nn.multicrop import num_global_views
 from src.utils import distributed as du
+from src.utils.errors import UserError
+
+EVALUATED = ("teacher", "student")
+
+
+def evaluate_problem(value) -> str:
+    return f"method.evaluate={value!r}; allowed: {', '.join(EVALUATED)} (the backbone evaluation and export read)"
 
 
 class DINO(SSLMethod):
@@ -26,7 +33,9 @@ class DINO(SSLMethod):
                  norm_last_layer: bool = True, freeze_last_layer_epochs: float = 1, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
                  warmup_teacher_temp_epochs: float = 0, center_momentum: float = 0.9, clip_grad: float | None = 3.0,
-                 momentum: float = 0.996, momentum_end: float = 1.0, **kwargs):
+                 momentum: float = 0.996, momentum_end: float = 1.0, evaluate: str = "teacher", **kwargs):
+        if evaluate not in EVALUATED:
+            raise UserError(evaluate_problem(evaluate))
         super().__init__(backbone, views, optimizer, momentum=momentum, momentum_end=momentum_end, **kwargs)
         self.head = DINOHead(backbone.out_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, head_batch_norm,
                              norm_last_layer)
@@ -38,9 +47,17 @@ class DINO(SSLMethod):
 
     @property
     def evaluated_backbone(self):
-        """The teacher's: DINO's (and iBOT's, DINOv2's) evaluation, attention maps and released weights are the
-        teacher's (``eval_knn.py``/``eval_linear.py``/``visualize_attention.py --checkpoint_key teacher``)."""
-        return self.backbone_t
+        """``evaluate: teacher`` (default): DINO's (and iBOT's, DINOv2's) evaluation, attention maps and released
+        weights are the teacher's (``eval_knn.py``/``eval_linear.py``/``visualize_attention.py --checkpoint_key
+        teacher``); ``student``: the online backbone (the teacher lags it in runs of a few hundred steps)."""
+        return self.backbone_t if self.hparams.evaluate == "teacher" else self.backbone
+
+    @classmethod
+    def config_problems(cls, cfg, global_batch: int, num_views: int) -> list[str]:
+        problems = super().config_problems(cfg, global_batch, num_views)
+        if (evaluate := cfg.method.get("evaluate", "teacher")) not in EVALUATED:
+            problems.append(evaluate_problem(evaluate))
+        return problems
 
     def frozen_parameters(self):
         return list(self.head.last_layer.parameters()) if self.current_epoch < self.hparams.freeze_last_layer_epochs else []
