@@ -60,7 +60,8 @@ def render_markdown(runs: list, baseline: dict | None, meta: dict, notes: str = 
         "# Representation quality on Fashion-MNIST (CPU budget)",
         "",
         f"Every method was pre-trained from scratch, one after another on the same machine, "
-        f"on real Fashion-MNIST{colour_note} with the same backbone (`convnet`, 32/64/128 channels, 128-d features; "
+        f"on real Fashion-MNIST{colour_note} with the same backbone (`convnet`, 32/64/128 channels, its last map pooled over a 4x4 grid as "
+        f"conf/fit/data/ fits it to Fashion-MNIST: 2,048-d features; rotation keeps the global pool: 128-d; "
         f"the ViT rows: `{VIT}`, see their table) and the "
         f"same budget: {epochs} epoch{'s' if epochs != 1 else ''} over a fixed random subset of {n:,} training images (seed {seed}), i.e. "
         f"{epochs * n:,} images seen, batch size {batch} ({n // batch} steps per epoch), fp32 on the CPU. "
