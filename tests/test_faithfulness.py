@@ -41,7 +41,8 @@ def test_the_momentum_methods_are_found():
 def test_teachers_run_without_stochastic_depth(name):
     """DINO builds its teacher without drop path (main_dino.py: drop_path_rate goes to the student only), MoCo v3's
     and BYOL's momentum encoders have none: two training-mode teacher passes on one batch give the same output,
-    while the student (drop path 0.2) does not. The target's BatchNorm stays in training mode."""
+    while the student (drop path 0.2) does not. The target's BatchNorm stays in training mode. Then evaluation reads
+    the backbone the reference evaluates (the same build: one composition per method)."""
     L.seed_everything(0)
     method = build(tiny_cfg(name, "backbone.drop_path_rate=0.2", vit=True))
     method.train()
@@ -58,35 +59,39 @@ def test_teachers_run_without_stochastic_depth(name):
         for m in target.modules():
             assert getattr(m, "drop_prob", 0.0) == 0.0, m
             assert not isinstance(m, nn.modules.dropout._DropoutNd) or m.p == 0.0, m
+    evaluation_reads_the_backbone_the_reference_evaluates(name, method, backbones[0], x)
+
+
+# the references that evaluate (and release) the momentum teacher: DINO's, iBOT's and DINOv2's eval scripts read
+# --checkpoint_key teacher; MoCo's and BYOL's evaluate the online encoder
+TEACHER_EVALUATED = {"dino", "ibot", "dinov2"}
+
+
+def evaluation_reads_the_backbone_the_reference_evaluates(name, method, teacher, x):
+    """What every protocol measures (``method(x)``, fine-tuning's network, segment's attention) is the teacher for
+    the DINO family and the online backbone otherwise; ``method.evaluate=student`` switches the DINO family."""
+    from src.protocols.segment import attention_source
+
+    method.eval()
+    with torch.no_grad():  # student and teacher apart, as after training
+        for p in method.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    want = teacher if name in TEACHER_EVALUATED else method.backbone
+    assert method.evaluated_backbone is want and method.feature_network is want
+    assert attention_source(method) is want
+    with torch.no_grad():
+        torch.testing.assert_close(method(x), want(x), rtol=0, atol=0)
+        torch.testing.assert_close(method.online(x), method.backbone(x), rtol=0, atol=0)  # what training uses
+        assert want is method.backbone or not torch.allclose(method(x), method.online(x))
+    if name in TEACHER_EVALUATED:
+        method.hparams.evaluate = "student"
+        assert method.evaluated_backbone is method.backbone and attention_source(method) is method.backbone
 
 
 # ---- MoCo v3 (facebookresearch/moco-v3: moco/builder.py, vits.py, main_moco.py) ------------------------------------
 # the references that evaluate (and release) the momentum teacher: DINO's, iBOT's and DINOv2's eval scripts read
 # --checkpoint_key teacher; MoCo's and BYOL's evaluate the online encoder
 TEACHER_EVALUATED = {"dino", "ibot", "dinov2"}
-
-
-@pytest.mark.parametrize("name", MOMENTUM_METHODS)
-def test_evaluation_reads_the_backbone_the_reference_evaluates(name):
-    from src.protocols.segment import attention_source
-
-    L.seed_everything(0)
-    method = build(tiny_cfg(name, vit=True)).eval()
-    with torch.no_grad():  # student and teacher apart, as after training
-        for p in method.backbone.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    teacher = next(t for o, t in method.momentum_pairs() if o is method.backbone)
-    want = teacher if name in TEACHER_EVALUATED else method.backbone
-    x = torch.randn(4, 3, 16, 16)
-    assert method.evaluated_backbone is want and method.feature_network is want
-    assert attention_source(method) is want
-    with torch.no_grad():
-        torch.testing.assert_close(method(x), want(x), rtol=0, atol=0)  # what every protocol measures
-        torch.testing.assert_close(method.online(x), method.backbone(x), rtol=0, atol=0)  # what training uses
-        assert not torch.allclose(method(x), method.online(x)) or want is method.backbone
-    if name in TEACHER_EVALUATED:  # method.evaluate=student: the online backbone instead
-        method.hparams.evaluate = "student"
-        assert method.evaluated_backbone is method.backbone and attention_source(method) is method.backbone
 
 
 def test_moco_v3_heads_follow_the_reference_builder():
