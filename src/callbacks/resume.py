@@ -1,6 +1,6 @@
 """What makes a resumed run continue exactly: ``last.ckpt`` after every N epochs, the data position in
 every checkpoint, and a clean stop on signals. (The randomness of each batch needs no saved state: it is
-seeded from the run seed, rank, epoch and batch index, see ``SSLMethod.batch_seed``.)
+seeded from the run seed, rank, epoch and batch index, see ``src.data.sampler.batch_seed``.)
 
 :class:`LastCheckpoint` writes ``<run>/checkpoints/last.ckpt`` at the end of every ``every_n_epochs``-th
 epoch and of the last one (through the trainer's checkpoint IO, which writes atomically), after every

@@ -17,11 +17,20 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from src.utils.hashing import stable_hash
+
 
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
+    """The seed of one training batch's randomness (views, MoCo's shuffle, pretext labels) from (run seed, rank,
+    epoch, index of the batch in its epoch) alone: a resumed run draws what an uninterrupted one would, every rank
+    draws differently."""
+    return stable_hash(seed, rank, epoch, index) % 2**63
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -4,8 +4,7 @@ A subclass writes ``training_loss(views) -> loss`` or ``(loss, {name: value})`` 
 ``momentum_pairs() -> [(online, target), ...]``. The base makes views on the device, logs, builds the optimizer
 (:mod:`src.nn.optim`), updates EMA targets once per optimizer step and stops or skips on a non-finite loss
 (:mod:`src.nn.nonfinite`). Callbacks only read it: ``first_view_features`` (online probe), ``batch_arrived``
-(throughput), ``scaled_lr``, ``skipped_steps``, ``run_config``, ``evaluated_backbone``, ``feature_dim``, ``feature_network``
-(evaluation).
+(throughput), ``scaled_lr``, ``skipped_steps``, ``run_config``, ``feature_dim``, ``feature_network`` (evaluation).
 """
 
 from __future__ import annotations
@@ -20,12 +19,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.distributed import ReduceOp
 
+from src.data.sampler import batch_seed
 from src.nn import optim, schedules
 from src.nn.ema import update_momentum
 from src.nn.multicrop import embed_views
 from src.nn.nonfinite import NonFiniteLossError, NonFiniteWatch, describe, restore_buffers, snapshot_buffers
 from src.utils.errors import UserError
-from src.utils.hashing import stable_hash
 
 
 class SSLMethod(L.LightningModule):
@@ -72,8 +71,7 @@ class SSLMethod(L.LightningModule):
 
     @property
     def feature_network(self) -> nn.Module:
-        """What fine-tuning trains: the evaluated backbone, unless :meth:`forward` adds a step (colorization reads
-        lightness)."""
+        """What fine-tuning trains: the evaluated backbone, unless :meth:`forward` adds a step (colorization's L)."""
         return self.evaluated_backbone if type(self).forward is SSLMethod.forward else self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +112,8 @@ class SSLMethod(L.LightningModule):
             return batch
         self.batch_arrived = time.perf_counter()  # the step starts here: making views is training (throughput.py)
         self.first_view_features = None  # only this batch's step may set them
-        torch.manual_seed(self.batch_seed())
+        t, index = self.trainer, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches before it
+        torch.manual_seed(batch_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), t.global_rank, t.current_epoch, index))
         images, labels = batch[0], batch[1]
         out = {"views": self.make_views(images), "image": images, "label": labels}
         if len(batch) > 2:  # image–text data: the captions' tokens (B, L)
@@ -123,18 +122,7 @@ class SSLMethod(L.LightningModule):
 
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The training views of a uint8 batch on the device, laid out as the backbone wants them."""
-        views = self.views(images)
-        if self.hparams.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        return views
-
-    def batch_seed(self) -> int:
-        """The seed of this batch's randomness (views, MoCo's shuffle, pretext labels) from (run seed, rank, epoch,
-        batch index) alone: a resumed run draws what an uninterrupted one would, every rank draws differently."""
-        t = self.trainer
-        index = t.fit_loop.epoch_loop.batch_progress.current.ready  # batches of this epoch started before it
-        key = (int(os.environ.get("PL_GLOBAL_SEED", 0)), t.global_rank, t.current_epoch, index)
-        return stable_hash(*key) % 2**63
+        return [self._laid_out(v) for v in self.views(images)]
 
     # ---- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
@@ -232,8 +220,7 @@ class SSLMethod(L.LightningModule):
                             rank_zero_info)
 
     def effective_batch_size(self) -> int:
-        t = self.trainer
-        return t.datamodule.batch_size * t.world_size * t.accumulate_grad_batches
+        return self.trainer.datamodule.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def configure_optimizers(self):
         """The configured optimizer over :meth:`param_groups` at the lr scaled by the effective batch, with a warm-up
