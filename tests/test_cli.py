@@ -325,18 +325,6 @@ def test_secrets_in_the_environment_never_land_in_run_files(tmp_path):
     assert wandb_key not in proc.stdout + proc.stderr and aws_secret not in proc.stdout + proc.stderr
 
 
-def test_ddp_cpu_run_writes_one_result(tmp_path):
-    """hardware=ddp_cpu: Lightning re-launches the script for rank 1 into the same run folder."""
-    run_dir = tmp_path / "run"
-    proc = run_cli(*TINY, "trainer.max_epochs=1", "hardware=ddp_cpu", "data.batch_size=64", "eval=final_only",
-                   "eval.final.random_baseline=false", f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["devices"] == 2 and results["effective_batch_size"] == 128
-    assert results["knn_top1"] > 20.0
-    assert [p.name for p in tmp_path.iterdir()] == ["run"], "rank 1 must not create a second run folder"
-
-
 def test_imagefolder_run_reads_a_class_per_folder_tree(tmp_path):
     import numpy as np
     from PIL import Image

@@ -39,6 +39,7 @@ def test_same_seed_same_curve_and_results(tmp_path):
 def test_memory_stays_flat_over_a_long_run_with_monitors(tmp_path):
     trace = tmp_path / "rss.json"
     proc = run(tmp_path / "run", "data.batch_size=32", "trainer.max_epochs=4", "+eval.mem._target_=tests.signals.MemoryTrace",
+               "~eval.final", "~eval.health",  # traced: the training steps; the evaluations after them are not
                env={"MEMORY_TRACE": str(trace)})  # 176 steps, kNN monitor and online probe every epoch
     assert proc.returncode == 0, proc.stderr[-3000:]
     rss = json.loads(trace.read_text())

@@ -96,7 +96,8 @@ def places(tmp_path_factory):
             "eval=final_only", "eval.final.linear_epochs=5")
     run, clip = root / "runs" / "run", root / "runs" / "clip"
     for where, extra in ((run, ()), (clip, ("method=clip", "method.context_length=16", "method.text_width=32",
-                                            "method.text_heads=2", "method.text_layers=1"))):
+                                            "method.text_heads=2", "method.text_layers=1",
+                                            "eval.final.random_baseline=false"))):  # src.search reads its checkpoint
         proc = run_cli(*tiny, *extra, f"hydra.run.dir={where}")
         assert proc.returncode == 0, proc.stderr[-3000:]
     tokenizer = root / "tokenizer"  # the README's first BEiT step, for two steps: BEiT then reads its checkpoint

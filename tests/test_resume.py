@@ -156,11 +156,16 @@ def test_a_resumed_run_keeps_logging_to_the_same_wandb_run(tmp_path):
 
 
 def test_two_process_ddp_run_stopped_mid_epoch_resumes_exactly(tmp_path):
-    """hardware=ddp_cpu (2 gloo processes): both ranks stop at the same batch, the checkpoint holds the data
+    """hardware=ddp_cpu (2 gloo processes; Lightning re-launches the command for rank 1 into the same run folder):
+    one results.json, from both ranks' batches; both ranks stop at the same batch, the checkpoint holds the data
     position of their slices, and the resumed run ends bit-identical."""
     ddp = ["hardware=ddp_cpu", "data.batch_size=64", "trainer.max_epochs=2"]  # global batch 128: 11 steps / epoch
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     assert _run(reference, *ddp).returncode == 0
+    results = json.loads((reference / "results.json").read_text())
+    assert results["devices"] == 2 and results["effective_batch_size"] == 128 and results["knn_top1"] > 20.0
+    assert [p.name for p in tmp_path.iterdir()] == ["reference"], "rank 1 must not create a second run folder"
+    ddp += ["~eval.final", "~eval.health"]  # what is compared below: the weights (resuming the evaluation: above)
     stopped = _run(run_dir, *ddp, signal_at=STEPS_PER_EPOCH + 3, signal_name="TERM")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert stopped.stderr.count("interrupted:") == 1
