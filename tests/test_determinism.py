@@ -28,10 +28,11 @@ def curve(run_dir) -> list[tuple[str, str, str]]:
 def test_same_seed_same_curve_and_results(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
-        proc = run(d, "method=byol", "data.batch_size=128", "trainer.max_epochs=2", "trainer.log_every_n_steps=1")
+        proc = run(d, "method=byol", "data.batch_size=128", "trainer.max_epochs=2", "trainer.limit_train_batches=5",
+                   "trainer.log_every_n_steps=1")  # two epochs: the second's order and views come from (seed, epoch)
         assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [row for row in curve(a) if row[1]]
-    assert len(losses) == 22 and curve(a) == curve(b)
+    assert len(losses) == 10 and curve(a) == curve(b)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
 
