@@ -26,11 +26,10 @@ TINY_CONVNET = ("backbone=convnet", "backbone.width=8", "backbone.depth=2")
 TINY_VIT = ("backbone=vit_cpu", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2")
 
 
-@functools.cache
 def method_class(name: str):
     from hydra.utils import get_class
 
-    return get_class(compose([f"method={name}"]).method._target_)
+    return get_class(_composed((f"method={name}",)).method._target_)
 
 
 def tiny_cfg(method: str, *overrides: str, vit: bool | None = None):

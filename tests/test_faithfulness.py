@@ -89,9 +89,6 @@ def evaluation_reads_the_backbone_the_reference_evaluates(name, method, teacher,
 
 
 # ---- MoCo v3 (facebookresearch/moco-v3: moco/builder.py, vits.py, main_moco.py) ------------------------------------
-# the references that evaluate (and release) the momentum teacher: DINO's, iBOT's and DINOv2's eval scripts read
-# --checkpoint_key teacher; MoCo's and BYOL's evaluate the online encoder
-TEACHER_EVALUATED = {"dino", "ibot", "dinov2"}
 
 
 def test_moco_v3_heads_follow_the_reference_builder():

@@ -3,8 +3,8 @@
 A subclass writes ``training_loss(views) -> loss`` or ``(loss, {name: value})`` and, if it has a teacher,
 ``momentum_pairs() -> [(online, target), ...]``. The base makes views on the device, logs, builds the optimizer
 (:mod:`src.nn.optim`), updates EMA targets once per optimizer step and stops or skips on a non-finite loss
-(:mod:`src.nn.nonfinite`). Callbacks only read it: ``first_view_features`` (online probe), ``batch_arrived``
-(throughput), ``scaled_lr``, ``skipped_steps``, ``run_config``, ``feature_dim``, ``feature_network`` (evaluation).
+(:mod:`src.nn.nonfinite`). Callbacks only read: ``first_view_features`` (online probe), ``batch_arrived`` (throughput),
+``scaled_lr``, ``skipped_steps``, ``run_config``, ``evaluated_backbone``, ``feature_dim``, ``feature_network``.
 """
 
 from __future__ import annotations
